@@ -1,0 +1,1 @@
+"""Pure torch math: no Ray, no storage, no argument parsing."""

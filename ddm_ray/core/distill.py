@@ -1,0 +1,216 @@
+"""Synset distillation for one class shard.
+
+Two families, chosen by `DistillConfig.method`:
+
+* ``displacement`` (default): reverse gradient matching against the unit's counterfactual
+  displacement D_u = theta_{-u} - theta_final, estimated offline by unrolled SGD
+  (`core.displacement`). The synset is fitted so that the online fast-learn step from the final
+  model moves the parameters by D_u:  minimise  1 - cos(delta_S, D_u) + (|delta_S|/|D_u| - 1)^2,
+  with delta_S = fast_learn(theta_final, S) - theta_final. For a single online step that is
+  matching -lr * grad L(theta_final; S) to D_u, i.e. the synset's descent gradient is the reverse
+  of the displacement.
+* ``soft_label`` / ``literal``: the paper's reverse gradient matching over the trajectory. Pick
+  checkpoints t < t+s and make -grad L(theta_{t+s}; S) match grad L(theta_t; D_u) by the summed
+  per-layer (1 - cosine) distance. ``literal`` keeps hard labels equal to the unit's class,
+  ``soft_label`` learns the label logits too. The step size of the online fast-learn step is then
+  fitted by least squares to the real unit's gradient at the final model (no retraining used).
+
+`distill_class` is the plain function the engine runs per class shard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+from ddm_ray.config import DistillConfig, OnlineConfig
+from ddm_ray.core.models import Network, Params, flatten
+from ddm_ray.core.synset import Synset, fast_learn, synset_loss
+from ddm_ray.core.training import Trajectory
+
+
+def init_synset(
+    unit_ids: list[int],
+    members: list[torch.Tensor],
+    x: torch.Tensor,
+    class_index: int,
+    num_classes: int,
+    ipc: int,
+    seed: int,
+) -> Synset:
+    """Initialise IPC samples per unit from real members (cycled if a unit is smaller than IPC)."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = []
+    for m in members:
+        order = m[torch.randperm(m.numel(), generator=gen)]
+        pick = order[torch.arange(ipc) % order.numel()]
+        xs.append(x[pick])
+    u = len(unit_ids)
+    logits = torch.zeros(u, ipc, num_classes)
+    logits[:, :, class_index] = 4.0
+    return Synset(
+        unit_ids=torch.tensor(unit_ids, dtype=torch.long),
+        x=torch.stack(xs).clone(),
+        logits=logits,
+        weight=torch.full((u, ipc), 1.0 / ipc),
+    )
+
+
+def _fit_displacement(
+    net: Network,
+    final: Params,
+    syn: Synset,
+    target: torch.Tensor,
+    cfg: DistillConfig,
+    online: OnlineConfig,
+    lo: float,
+    hi: float,
+) -> Synset:
+    """Fit syn so that fast_learn(final, syn_u) - final ~= target[u]; target (U, P)."""
+    x = syn.x.clone().requires_grad_(True)
+    logits = syn.logits.clone().requires_grad_(True)
+    weight = syn.weight.clone().requires_grad_(True)
+    theta0 = flatten(final)
+    tnorm = target.norm(dim=1).clamp_min(1e-12)
+
+    def delta(xu: torch.Tensor, zu: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
+        p = fast_learn(net, final, xu, zu, wu, online.steps, online.lr)
+        return flatten(p) - theta0
+
+    batched = vmap(delta)
+    opt = torch.optim.Adam([x, logits, weight], lr=cfg.lr)
+    for _ in range(cfg.steps):
+        d = batched(x, logits, weight)  # (U, P)
+        cos = F.cosine_similarity(d, target, dim=1)
+        mag = d.norm(dim=1) / tnorm
+        loss = ((1 - cos) + (mag - 1) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(lo, hi)
+    x, logits, weight = x.detach(), logits.detach(), weight.detach()
+    if online.steps == 1:
+        # the step is linear in weight: rescale each unit by least squares onto its target
+        with torch.no_grad():
+            d = batched(x, logits, weight)
+            alpha = (d * target).sum(1) / (d * d).sum(1).clamp_min(1e-30)
+            weight = weight * alpha[:, None]
+    return Synset(syn.unit_ids, x, logits, weight)
+
+
+def _layer_cos_distance(a: Params, b: Params) -> torch.Tensor:
+    """sum over parameter tensors of 1 - cos(a_k, b_k); a_k, b_k with a leading unit dim."""
+    total = 0.0
+    for k in a:
+        total = total + (1 - F.cosine_similarity(a[k].flatten(1), b[k].flatten(1), dim=1))
+    return total  # type: ignore[return-value]
+
+
+def _unit_grads(
+    net: Network, params: Params, x: torch.Tensor, y: torch.Tensor, unit_of: torch.Tensor, u: int
+) -> Params:
+    """Per-unit summed CE gradients at params: (U, *shape). unit_of indexes 0..u-1 locally."""
+
+    def one(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(net.logits(p, xi[None]), yi[None], reduction="sum")
+
+    per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    return {k: torch.zeros((u, *v.shape[1:])).index_add_(0, unit_of, v) for k, v in per.items()}
+
+
+def _fit_reverse_matching(
+    net: Network,
+    traj: Trajectory,
+    syn: Synset,
+    x_real: torch.Tensor,
+    y_real: torch.Tensor,
+    local_unit: torch.Tensor,
+    cfg: DistillConfig,
+    online: OnlineConfig,
+    learn_labels: bool,
+    lo: float,
+    hi: float,
+) -> Synset:
+    x = syn.x.clone().requires_grad_(True)
+    logits = syn.logits.clone().requires_grad_(learn_labels)
+    weight = syn.weight
+    u = len(syn)
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    last = len(traj.checkpoints) - 1
+    params_list = [x] + ([logits] if learn_labels else [])
+    opt = torch.optim.Adam(params_list, lr=cfg.lr)
+
+    def syn_grad(p: Params, xu: torch.Tensor, zu: torch.Tensor, wu: torch.Tensor) -> Params:
+        return grad(lambda q: synset_loss(net, q, xu, zu, wu))(p)
+
+    for _ in range(cfg.steps):
+        t = int(torch.randint(0, max(1, last), (1,), generator=gen))
+        s = int(torch.randint(1, cfg.max_gap, (1,), generator=gen)) if cfg.max_gap > 1 else 1
+        t2 = min(last, t + s)
+        real = _unit_grads(net, traj.checkpoints[t], x_real, y_real, local_unit, u)
+        sg = vmap(syn_grad, in_dims=(None, 0, 0, 0))(traj.checkpoints[t2], x, logits, weight)
+        neg = {k: -v for k, v in sg.items()}
+        loss = _layer_cos_distance(neg, real).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(lo, hi)
+    x, logits = x.detach(), logits.detach()
+    # scale each unit's step to the norm of the real unit's gradient at the final model (a
+    # magnitude only: the sign of the step stays what the matching made it).
+    final = traj.final
+    with torch.no_grad():
+        real = _unit_grads(net, final, x_real, y_real, local_unit, u)
+        sg = vmap(syn_grad, in_dims=(None, 0, 0, 0))(final, x, logits, weight)
+        a = torch.cat([v.flatten(1) for v in sg.values()], 1)
+        b = torch.cat([v.flatten(1) for v in real.values()], 1) / max(1, x_real.shape[0])
+        alpha = b.norm(dim=1) / a.norm(dim=1).clamp_min(1e-30)
+        weight = weight * alpha[:, None]
+    return Synset(syn.unit_ids, x, logits, weight)
+
+
+def distill_class(
+    net: Network,
+    traj: Trajectory,
+    class_index: int,
+    unit_ids: list[int],
+    members: list[torch.Tensor],
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    cfg: DistillConfig,
+    online: OnlineConfig,
+    displacement: torch.Tensor | None,
+) -> Synset:
+    """Distill the synsets of one class's units.
+
+    members[i] (n_i,) are the training indices of unit unit_ids[i]; displacement (U_class, P) is
+    the offline target for the ``displacement`` method (None otherwise). Returns a Synset over
+    unit_ids in the given order.
+    """
+    torch.manual_seed(cfg.seed + class_index)
+    lo, hi = float(x_train.min()), float(x_train.max())
+    syn = init_synset(
+        unit_ids, members, x_train, class_index, net.num_classes, cfg.ipc, cfg.seed + class_index
+    )
+    if cfg.method == "displacement":
+        if displacement is None:
+            raise ValueError("displacement method needs the unrolled displacement")
+        return _fit_displacement(net, traj.final, syn, displacement, cfg, online, lo, hi)
+    idx = torch.cat(members)
+    local = torch.cat([torch.full((m.numel(),), i, dtype=torch.long) for i, m in enumerate(members)])
+    return _fit_reverse_matching(
+        net,
+        traj,
+        syn,
+        x_train[idx],
+        y_train[idx],
+        local,
+        cfg,
+        online,
+        learn_labels=cfg.method == "soft_label",
+        lo=lo,
+        hi=hi,
+    )

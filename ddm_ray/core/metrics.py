@@ -1,0 +1,54 @@
+"""Agreement metrics between predicted and ground-truth attributions (pure torch/numpy)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rank(v: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share the mean rank) along the last dim, float64."""
+    v = v.double()
+    order = v.argsort(-1, stable=True)
+    sorted_v = v.gather(-1, order)
+    n = v.shape[-1]
+    ranks_sorted = torch.arange(n, dtype=torch.float64).expand_as(v).clone()
+    # average ranks over runs of ties
+    flat_s = sorted_v.reshape(-1, n)
+    flat_r = ranks_sorted.reshape(-1, n)
+    for row in range(flat_s.shape[0]):
+        s = flat_s[row]
+        new_group = torch.ones(n, dtype=torch.bool)
+        new_group[1:] = s[1:] != s[:-1]
+        gid = new_group.cumsum(0) - 1
+        sums = torch.zeros(int(gid[-1]) + 1, dtype=torch.float64).index_add_(0, gid, flat_r[row])
+        cnts = torch.bincount(gid).double()
+        flat_r[row] = (sums / cnts)[gid]
+    ranks = torch.empty_like(v)
+    ranks.scatter_(-1, order, flat_r.reshape(v.shape))
+    return ranks
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Pearson correlation over all entries (dim None) or along `dim`. NaN where a side is constant."""
+    a, b = a.double(), b.double()
+    if dim is None:
+        a, b, dim = a.flatten(), b.flatten(), 0
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    den = (a.pow(2).sum(dim) * b.pow(2).sum(dim)).sqrt()
+    num = (a * b).sum(dim)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Spearman rank correlation (average ranks for ties), over all entries or along `dim`."""
+    if dim is None:
+        return pearson(_rank(a.flatten()), _rank(b.flatten()))
+    a_t, b_t = a.movedim(dim, -1), b.movedim(dim, -1)
+    return pearson(_rank(a_t), _rank(b_t), dim=-1)
+
+
+def nanmean(v: torch.Tensor) -> float:
+    """Mean ignoring NaN; NaN if all are NaN."""
+    ok = ~torch.isnan(v)
+    return float(v[ok].mean()) if ok.any() else float("nan")
