@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import torch
+from scipy.stats import rankdata
 
 
 def _rank(v: torch.Tensor) -> torch.Tensor:
     """Average ranks (ties share the mean rank) along the last dim, float64."""
-    v = v.double()
-    order = v.argsort(-1, stable=True)
-    sorted_v = v.gather(-1, order)
-    n = v.shape[-1]
-    ranks_sorted = torch.arange(n, dtype=torch.float64).expand_as(v).clone()
-    # average ranks over runs of ties
-    flat_s = sorted_v.reshape(-1, n)
-    flat_r = ranks_sorted.reshape(-1, n)
-    for row in range(flat_s.shape[0]):
-        s = flat_s[row]
-        new_group = torch.ones(n, dtype=torch.bool)
-        new_group[1:] = s[1:] != s[:-1]
-        gid = new_group.cumsum(0) - 1
-        sums = torch.zeros(int(gid[-1]) + 1, dtype=torch.float64).index_add_(0, gid, flat_r[row])
-        cnts = torch.bincount(gid).double()
-        flat_r[row] = (sums / cnts)[gid]
-    ranks = torch.empty_like(v)
-    ranks.scatter_(-1, order, flat_r.reshape(v.shape))
-    return ranks
+    return torch.from_numpy(rankdata(v.double().numpy(), axis=-1)).double()
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor, dim: int | None = None) -> torch.Tensor:
