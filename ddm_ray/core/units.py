@@ -66,7 +66,13 @@ def kmeans(feats: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
 
 
 def make_units(
-    feats: torch.Tensor, y: torch.Tensor, num_classes: int, k: int, iters: int, seed: int
+    feats: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    k: int,
+    iters: int,
+    seed: int,
+    class_names: list[int] | None = None,
 ) -> Units:
     """Cluster each class of feats (N, d) with labels y (N,) into k units."""
     unit_of = torch.empty(y.shape[0], dtype=torch.long)
@@ -74,7 +80,7 @@ def make_units(
         idx = torch.nonzero(y == c).flatten()
         if idx.numel() < k:
             raise InputError(
-                f"class {c} has {idx.numel()} training samples, fewer than "
+                f"class {class_names[c] if class_names else c} has {idx.numel()} training samples, fewer than "
                 f"--clusters-per-class {k}"
             )
         unit_of[idx] = c * k + kmeans(feats[idx], k, iters, seed + c)

@@ -1,0 +1,205 @@
+"""`ddm-ray` command line: run, validate, inspect, bench. The only place (with jobs/) that parses
+arguments; everything below takes config objects. User errors print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ddm_ray.config import (
+    DataConfig,
+    DistillConfig,
+    ExecConfig,
+    ModelConfig,
+    OnlineConfig,
+    RunConfig,
+    TrainConfig,
+    UnitConfig,
+)
+from ddm_ray.errors import ConfigError, DDMError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        sys.stderr.write(f"ddm-ray: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,28,28, got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,28,28, got {text!r}")
+    return dims
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return _shape(text)
+
+
+def _kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of a run (shared by `ddm-ray run` and jobs/audit.py)."""
+    d, m, t, u, s, o = DataConfig(), ModelConfig(), TrainConfig(), UnitConfig(), DistillConfig(), OnlineConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help="digits | parquet | mnist | cifar10 (default digits)")
+    g.add_argument("--train", help="training Parquet (columns x: list<float>, y: int, optional id)")
+    g.add_argument("--test", help="test Parquet, same schema")
+    g.add_argument("--data-root", help="folder with MNIST idx files or CIFAR-10 python batches")
+    g.add_argument("--input-shape", type=_shape, help="sample shape C,H,W (default: flat vector)")
+    g.add_argument("--max-train", type=int, help="use only the first N training samples")
+    g.add_argument("--max-test", type=int, help="use only the first N test samples")
+    g = p.add_argument_group("model and training")
+    g.add_argument("--model", default=m.arch, help="mlp | convnet")
+    g.add_argument("--hidden", type=_ints, default=m.hidden, help="MLP hidden widths, e.g. 64,64")
+    g.add_argument("--epochs", type=int, default=t.epochs)
+    g.add_argument("--batch-size", type=int, default=t.batch_size)
+    g.add_argument("--lr", type=float, default=t.lr)
+    g.add_argument("--momentum", type=float, default=t.momentum)
+    g.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    g.add_argument("--seed", type=int, default=t.seed, help="seed of init, data order, k-means, distillation")
+    g = p.add_argument_group("units and distillation")
+    g.add_argument("--clusters-per-class", type=int, default=u.clusters_per_class, help="K units per class")
+    g.add_argument("--unit-features", default=u.features, help="input | penultimate (k-means space)")
+    g.add_argument("--ipc", type=int, default=s.ipc, help="synthetic samples per unit")
+    g.add_argument("--distill-method", default=s.method, help="displacement | soft_label | literal")
+    g.add_argument("--distill-steps", type=int, default=s.steps)
+    g.add_argument("--distill-lr", type=float, default=s.lr)
+    g.add_argument("--unroll-epochs", type=int, help="unroll only the last N epochs (default all)")
+    g = p.add_argument_group("online stage")
+    g.add_argument("--online-steps", type=int, default=o.steps)
+    g.add_argument("--online-lr", type=float, default=o.lr)
+    g.add_argument("--objectives", default=",".join(o.objectives), help="subset of loss,margin,correct")
+    g = p.add_argument_group("execution (does not change results)")
+    g.add_argument("--out", default="./ddm-out", help="output folder or URL (file://, s3://)")
+    g.add_argument("--engine", default="ray", help="ray (default) | local (in-process, no Ray)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--online-batch", type=int, help="units fine-tuned together per pass (default 64)")
+    g.add_argument("--block-units", type=int, default=64, help="units per task and per Parquet part")
+    g.add_argument("--max-in-flight", type=int, help="online tasks in flight (default 2 x workers)")
+    g.add_argument("--num-cpus", type=int, help="CPUs for a local Ray runtime")
+    g.add_argument("--address", help="Ray address (default: start a local runtime or use RAY_ADDRESS)")
+    g.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    g.add_argument("--storage-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
+    """Build validated config objects from parsed arguments (raises ConfigError)."""
+    objectives = tuple(x.strip() for x in a.objectives.split(",") if x.strip())
+    cfg = RunConfig(
+        data=DataConfig(
+            dataset=a.dataset, train=a.train, test=a.test, root=a.data_root,
+            input_shape=a.input_shape, max_train=a.max_train, max_test=a.max_test,
+        ),
+        model=ModelConfig(arch=a.model, hidden=tuple(a.hidden)),
+        train=TrainConfig(
+            epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+            weight_decay=a.weight_decay, seed=a.seed,
+        ),
+        units=UnitConfig(clusters_per_class=a.clusters_per_class, features=a.unit_features, seed=a.seed),
+        distill=DistillConfig(
+            method=a.distill_method, ipc=a.ipc, steps=a.distill_steps, lr=a.distill_lr,
+            unroll_epochs=a.unroll_epochs, seed=a.seed,
+        ),
+        online=OnlineConfig(steps=a.online_steps, lr=a.online_lr, objectives=objectives),
+    )
+    exe = ExecConfig(
+        engine=a.engine, device=a.device, online_batch=a.online_batch, block_units=a.block_units,
+        max_in_flight=a.max_in_flight, num_cpus=a.num_cpus, resume=a.resume,
+        storage_options=dict(a.storage_option),
+    )
+    return cfg, exe
+
+
+def _logger(quiet: bool) -> Any:
+    def log(msg: str) -> None:
+        if not quiet:
+            print(f"[ddm-ray {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from ddm_ray.engine import run_with_engine
+
+    cfg, exe = configs_from_args(a)
+    manifest = run_with_engine(cfg, exe, a.out, address=a.address, log=_logger(a.quiet))
+    c = manifest["counts"]
+    print(
+        f"complete: {c['units']} units x {c['test_samples']} test samples x {c['objectives']} "
+        f"objectives -> {a.out} (config {manifest['config_hash']}, {manifest['timings_seconds']['total']:.1f}s)"
+    )
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from ddm_ray.validate import print_validation, validate_run
+
+    if a.units is not None and a.units < 1:
+        raise ConfigError("--units must be >= 1")
+    report = validate_run(a.out, a.units, a.seed, dict(a.storage_option), log=_logger(a.quiet))
+    print_validation(report)
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from ddm_ray.inspect import inspect_test_sample
+
+    print(inspect_test_sample(a.out, a.test_id, a.objective, a.top, dict(a.storage_option)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ddm-ray", description="Distilled Datamodel attribution: which training data drive which predictions.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="offline distillation + online leave-one-out rows into --out")
+    add_run_arguments(r)
+    r.set_defaults(func=cmd_run)
+    v = sub.add_parser("validate", help="compare a run's rows with exact leave-one-out retraining")
+    v.add_argument("--out", default="./ddm-out")
+    v.add_argument("--units", type=int, help="retrain for N units (deterministic sample; default all)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the unit sample")
+    v.add_argument("--storage-option", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_validate)
+    i = sub.add_parser("inspect", help="most helpful and harmful units for one test sample")
+    i.add_argument("--out", default="./ddm-out")
+    i.add_argument("--test-id", type=int, required=True)
+    i.add_argument("--objective", default="loss")
+    i.add_argument("--top", type=int, default=5)
+    i.add_argument("--storage-option", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return int(a.func(a))
+    except DDMError as e:
+        print(f"ddm-ray: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("ddm-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

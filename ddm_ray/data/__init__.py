@@ -1,0 +1,238 @@
+"""Datasets in: built-in digits, user Parquet (any fsspec URL), MNIST idx and CIFAR-10 batches.
+
+Every loader returns a validated `Dataset`: float32 inputs of one declared shape, labels mapped
+to class indices 0..C-1 of the training classes, and stable int64 ids for both splits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ddm_ray.config import DataConfig
+from ddm_ray.errors import InputError
+
+
+@dataclass
+class Dataset:
+    """x_*: (N, *input_shape) float32; y_*: (N,) int64 class index; *_ids: (N,) int64."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    train_ids: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    test_ids: torch.Tensor
+    classes: list[int]  # original label of each class index
+    input_shape: tuple[int, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _finish(
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    id_tr: np.ndarray,
+    x_te: np.ndarray,
+    y_te: np.ndarray,
+    id_te: np.ndarray,
+    shape: tuple[int, ...],
+    cfg: DataConfig,
+    source: str,
+) -> Dataset:
+    if cfg.max_train is not None:
+        x_tr, y_tr, id_tr = x_tr[: cfg.max_train], y_tr[: cfg.max_train], id_tr[: cfg.max_train]
+    if cfg.max_test is not None:
+        x_te, y_te, id_te = x_te[: cfg.max_test], y_te[: cfg.max_test], id_te[: cfg.max_test]
+    for name, x in (("train", x_tr), ("test", x_te)):
+        if x.shape[0] == 0:
+            raise InputError(f"{source}: the {name} set is empty")
+        if not np.isfinite(x).all():
+            raise InputError(f"{source}: the {name} set has NaN or infinite values in x")
+    flat = math.prod(shape)
+    if x_tr.shape[1] != flat or x_te.shape[1] != flat:
+        raise InputError(
+            f"{source}: samples have {x_tr.shape[1]} (train) / {x_te.shape[1]} (test) values, "
+            f"but the input shape {','.join(map(str, shape))} needs {flat}"
+        )
+    for name, ids in (("train", id_tr), ("test", id_te)):
+        if len(np.unique(ids)) != len(ids):
+            raise InputError(f"{source}: the {name} set has duplicate ids")
+    classes = np.unique(y_tr)
+    if len(classes) < 2:
+        raise InputError(f"{source}: the training set has {len(classes)} class; need at least 2")
+    unknown = np.setdiff1d(np.unique(y_te), classes)
+    if len(unknown):
+        shown = ", ".join(map(str, unknown[:5].tolist()))
+        raise InputError(f"{source}: test labels not among the training classes: {shown}")
+    return Dataset(
+        x_train=torch.from_numpy(np.ascontiguousarray(x_tr, dtype=np.float32)).reshape(-1, *shape),
+        y_train=torch.from_numpy(np.searchsorted(classes, y_tr).astype(np.int64)),
+        train_ids=torch.from_numpy(id_tr.astype(np.int64)),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_te, dtype=np.float32)).reshape(-1, *shape),
+        y_test=torch.from_numpy(np.searchsorted(classes, y_te).astype(np.int64)),
+        test_ids=torch.from_numpy(id_te.astype(np.int64)),
+        classes=[int(c) for c in classes],
+        input_shape=shape,
+    )
+
+
+def _digits(cfg: DataConfig) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    y = d.target.astype(np.int64)
+    perm = np.random.default_rng(0).permutation(len(x))
+    tr, te = perm[:1200], perm[1200:]
+    shape = cfg.input_shape or (64,)
+    return _finish(x[tr], y[tr], tr, x[te], y[te], te, shape, cfg, "digits")
+
+
+def _read_parquet(url: str, storage_options: dict[str, str]) -> tuple[np.ndarray, ...]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ddm_ray.store.fs import open_url
+
+    try:
+        fs, path = open_url(url, storage_options)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+    except FileNotFoundError:
+        raise InputError(f"{url}: no such file") from None
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise InputError(f"{url}: cannot read as Parquet ({type(e).__name__}: {e})") from None
+    names = table.column_names
+    for col in ("x", "y"):
+        if col not in names:
+            raise InputError(f"{url}: missing column {col!r} (has {', '.join(names) or 'none'})")
+    xt, yt = table.schema.field("x").type, table.schema.field("y").type
+    if not (pa.types.is_list(xt) or pa.types.is_large_list(xt) or pa.types.is_fixed_size_list(xt)):
+        raise InputError(f"{url}: column 'x' must be a list of floats, got {xt}")
+    if not (pa.types.is_integer(xt.value_type) or pa.types.is_floating(xt.value_type)):
+        raise InputError(f"{url}: column 'x' must hold numbers, got {xt}")
+    if not pa.types.is_integer(yt):
+        raise InputError(f"{url}: column 'y' must be integer labels, got {yt}")
+    if table.num_rows == 0:
+        raise InputError(f"{url}: no rows")
+    xcol = table.column("x").combine_chunks()
+    if xcol.null_count or table.column("y").null_count:
+        raise InputError(f"{url}: null values in 'x' or 'y'")
+    lengths = np.asarray(pa.compute.list_value_length(xcol))
+    if (lengths != lengths[0]).any():
+        raise InputError(f"{url}: rows of 'x' have different lengths ({lengths.min()}..{lengths.max()})")
+    if lengths[0] == 0:
+        raise InputError(f"{url}: rows of 'x' are empty")
+    x = np.asarray(xcol.flatten(), dtype=np.float64).reshape(table.num_rows, int(lengths[0]))
+    y = np.asarray(table.column("y"), dtype=np.int64)
+    if "id" in names:
+        if not pa.types.is_integer(table.schema.field("id").type) or table.column("id").null_count:
+            raise InputError(f"{url}: column 'id' must be non-null integers")
+        ids = np.asarray(table.column("id"), dtype=np.int64)
+    else:
+        ids = np.arange(table.num_rows, dtype=np.int64)
+    return x, y, ids
+
+
+def _parquet(cfg: DataConfig, storage_options: dict[str, str]) -> Dataset:
+    assert cfg.train and cfg.test
+    x_tr, y_tr, id_tr = _read_parquet(cfg.train, storage_options)
+    x_te, y_te, id_te = _read_parquet(cfg.test, storage_options)
+    shape = cfg.input_shape or (x_tr.shape[1],)
+    return _finish(x_tr, y_tr, id_tr, x_te, y_te, id_te, shape, cfg, "parquet")
+
+
+def _open_maybe_gz(root: str, name: str) -> bytes:
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(root, candidate)
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+                return gzip.decompress(raw) if candidate.endswith(".gz") else raw
+            except (OSError, EOFError) as e:
+                raise InputError(f"{path}: cannot read ({e})") from None
+    raise InputError(f"{os.path.join(root, name)}: no such file (also tried .gz)")
+
+
+def _idx(raw: bytes, name: str) -> np.ndarray:
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise InputError(f"{name}: not an unsigned-byte idx file")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise InputError(f"{name}: truncated idx header")
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != math.prod(dims):
+        raise InputError(f"{name}: idx body has {body.size} bytes, header says {math.prod(dims)}")
+    return body.reshape(dims)
+
+
+def _mnist(cfg: DataConfig) -> Dataset:
+    root = cfg.root or ""
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        img_name, lab_name = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+        imgs = _idx(_open_maybe_gz(root, img_name), img_name)
+        labs = _idx(_open_maybe_gz(root, lab_name), lab_name)
+        if imgs.ndim != 3 or labs.ndim != 1 or len(imgs) != len(labs):
+            raise InputError(f"{root}: MNIST {split} images and labels do not match")
+        parts[split] = (imgs.reshape(len(imgs), -1) / 255.0, labs.astype(np.int64))
+    (x_tr, y_tr), (x_te, y_te) = parts["train"], parts["test"]
+    h, w = _idx(_open_maybe_gz(root, "t10k-images-idx3-ubyte"), "t10k").shape[1:]
+    shape = cfg.input_shape or (1, h, w)
+    return _finish(
+        x_tr, y_tr, np.arange(len(x_tr)), x_te, y_te, np.arange(len(x_te)), shape, cfg, "mnist"
+    )
+
+
+def _cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+        labels = np.asarray(d[b"labels"], dtype=np.int64)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except Exception as e:  # a damaged pickle can raise nearly anything
+        raise InputError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise InputError(f"{path}: CIFAR-10 batch with unexpected shape {data.shape}")
+    return data, labels
+
+
+def _cifar10(cfg: DataConfig) -> Dataset:
+    root = cfg.root or ""
+    sub = os.path.join(root, "cifar-10-batches-py")
+    if os.path.isdir(sub):
+        root = sub
+    train = [_cifar_batch(os.path.join(root, f"data_batch_{i}")) for i in range(1, 6)]
+    x_te, y_te = _cifar_batch(os.path.join(root, "test_batch"))
+    x_tr = np.concatenate([b[0] for b in train]) / 255.0
+    y_tr = np.concatenate([b[1] for b in train])
+    shape = cfg.input_shape or (3, 32, 32)
+    return _finish(
+        x_tr, y_tr, np.arange(len(x_tr)), x_te / 255.0, y_te, np.arange(len(x_te)), shape, cfg,
+        "cifar10",
+    )
+
+
+def load_dataset(cfg: DataConfig, storage_options: dict[str, str] | None = None) -> Dataset:
+    """Load and validate the dataset named by cfg; raises InputError with a one-line reason."""
+    if cfg.dataset == "digits":
+        return _digits(cfg)
+    if cfg.dataset == "parquet":
+        return _parquet(cfg, storage_options or {})
+    if cfg.dataset == "mnist":
+        return _mnist(cfg)
+    return _cifar10(cfg)

@@ -1,0 +1,24 @@
+"""In-process executor: runs shards and blocks one after another in the driver."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ddm_ray.core.synset import Synset
+from ddm_ray.pipeline import Block, DistillJob, OnlineJob, distill_shard, run_block
+
+
+class LocalExecutor:
+    """The serial path: no Ray. Used by tests and `--engine local`."""
+
+    def distill(self, job: DistillJob, shards: list[list[int]]) -> Iterator[tuple[int, Synset]]:
+        for shard in shards:
+            yield from distill_shard(job, shard)
+
+    def evaluate(self, job: OnlineJob, blocks: list[tuple[Block, Synset]]) -> Iterator[tuple[Block, int]]:
+        for block, syn in blocks:
+            yield block, run_block(job, block, syn)
+
+    def describe(self) -> dict[str, Any]:
+        return {"executor": "local"}

@@ -1,0 +1,1 @@
+"""Run folders and data access through fsspec URLs."""

@@ -1,0 +1,72 @@
+"""fsspec access for run folders and data: local paths, file:// and s3:// (through s3fs).
+
+S3 endpoint, region and credentials come from explicit storage options first, then from the
+standard AWS environment variables, which are passed to s3fs explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+from fsspec.spec import AbstractFileSystem
+
+from ddm_ray.errors import ConfigError, StorageError
+
+
+def s3_options(storage_options: dict[str, str]) -> dict[str, Any]:
+    """s3fs keyword arguments from `key=value` options and the AWS environment variables."""
+    opts: dict[str, Any] = {}
+    client: dict[str, Any] = {}
+    so = dict(storage_options)
+    endpoint = so.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL"
+    )
+    region = so.pop("region", None) or os.environ.get("AWS_REGION") or os.environ.get(
+        "AWS_DEFAULT_REGION"
+    )
+    if endpoint:
+        client["endpoint_url"] = endpoint
+    if region:
+        client["region_name"] = region
+    key = so.pop("key", None) or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = so.pop("secret", None) or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    token = so.pop("token", None) or os.environ.get("AWS_SESSION_TOKEN")
+    if key:
+        opts["key"] = key
+    if secret:
+        opts["secret"] = secret
+    if token:
+        opts["token"] = token
+    if so.pop("anon", "false").lower() in ("1", "true", "yes"):
+        opts["anon"] = True
+    if client:
+        opts["client_kwargs"] = client
+    opts.update(so)
+    return opts
+
+
+def open_url(url: str, storage_options: dict[str, str] | None = None) -> tuple[AbstractFileSystem, str]:
+    """(filesystem, path) for a local path or URL."""
+    so = storage_options or {}
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        if protocol in ("s3", "s3a"):
+            fs = fsspec.filesystem("s3", **s3_options(so))
+            path = url.split("://", 1)[1]
+        else:
+            fs, path = fsspec.core.url_to_fs(url, **so)
+    except (ImportError, ValueError, TypeError) as e:
+        raise ConfigError(f"cannot open {url}: {e}") from None
+    if protocol == "file":
+        path = os.path.abspath(path)
+    return fs, path.rstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def wrap_storage_error(url: str, e: Exception) -> StorageError:
+    return StorageError(f"{url}: storage error ({type(e).__name__}: {e})")

@@ -1,0 +1,175 @@
+"""The run folder: one place that knows every file name of the output contract.
+
+    <out>/manifest.json            config, hash, versions, timings, counts, status
+    <out>/units.parquet            unit_id, label, sample_ids, level
+    <out>/test_index.parquet       position, test_id
+    <out>/attribution/part-<first>-<last>.parquet   unit_id, objective, delta
+    <out>/artifacts/model.pt       final parameters and the trajectory checkpoints
+    <out>/artifacts/synsets/class-<c>.pt            one class shard's synsets
+    <out>/validation.json          written by `ddm-ray validate`
+
+Every file is written whole (local: to a temporary name, then renamed; object stores: one PUT),
+so a reader never sees half a file, and part names depend only on the block of units they hold.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ddm_ray.errors import StorageError
+from ddm_ray.store.fs import join, open_url
+
+ATTRIBUTION_SCHEMA = pa.schema(
+    [
+        pa.field("unit_id", pa.int64(), nullable=False),
+        pa.field("objective", pa.string(), nullable=False),
+        pa.field("delta", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+UNITS_SCHEMA = pa.schema(
+    [
+        pa.field("unit_id", pa.int64(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("sample_ids", pa.list_(pa.int64()), nullable=False),
+        pa.field("level", pa.string(), nullable=False),
+    ]
+)
+TEST_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("position", pa.int64(), nullable=False),
+        pa.field("test_id", pa.int64(), nullable=False),
+    ]
+)
+
+
+def part_name(first_unit: int, last_unit: int) -> str:
+    """Deterministic attribution part name for units first..last (inclusive)."""
+    return f"part-{first_unit:09d}-{last_unit:09d}.parquet"
+
+
+class RunStore:
+    """Reads and writes one run folder through fsspec."""
+
+    def __init__(self, url: str, storage_options: dict[str, str] | None = None) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = open_url(url, self.storage_options)
+        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    # ---- raw bytes -------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        dest = self.path(rel)
+        try:
+            parent = dest.rsplit("/", 1)[0]
+            if self._local:
+                self.fs.makedirs(parent, exist_ok=True)
+                tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest)
+            else:
+                self.fs.pipe_file(dest, data)
+        except OSError as e:
+            raise StorageError(f"cannot write {self.url}/{rel}: {e}") from None
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            raise StorageError(f"{self.url}/{rel}: not found") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {self.url}/{rel}: {e}") from None
+
+    def exists(self, rel: str) -> bool:
+        try:
+            return bool(self.fs.exists(self.path(rel)))
+        except OSError as e:
+            raise StorageError(f"cannot reach {self.url}: {e}") from None
+
+    def list(self, rel: str) -> list[str]:
+        """File names directly under rel (empty if it does not exist)."""
+        try:
+            self.fs.invalidate_cache()
+            if not self.fs.exists(self.path(rel)):
+                return []
+            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False))
+        except OSError as e:
+            raise StorageError(f"cannot list {self.url}/{rel}: {e}") from None
+
+    def remove(self, rel: str) -> None:
+        try:
+            if self.fs.exists(self.path(rel)):
+                self.fs.rm(self.path(rel), recursive=True)
+        except OSError as e:
+            raise StorageError(f"cannot remove {self.url}/{rel}: {e}") from None
+
+    # ---- typed helpers ---------------------------------------------------------------------
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def read_json(self, rel: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(rel))
+        except json.JSONDecodeError as e:
+            raise StorageError(f"{self.url}/{rel}: not valid JSON ({e})") from None
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="snappy")
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_table(self, rel: str) -> pa.Table:
+        try:
+            return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+        except pa.ArrowException as e:
+            raise StorageError(f"{self.url}/{rel}: not valid Parquet ({e})") from None
+
+    def write_torch(self, rel: str, obj: Any) -> None:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_torch(self, rel: str) -> Any:
+        try:
+            return torch.load(io.BytesIO(self.read_bytes(rel)), weights_only=True)
+        except (RuntimeError, pickle_errors()) as e:
+            raise StorageError(f"{self.url}/{rel}: damaged artifact ({e})") from None
+
+    # ---- the contract ----------------------------------------------------------------------
+    MANIFEST = "manifest.json"
+    UNITS = "units.parquet"
+    TEST_INDEX = "test_index.parquet"
+    ATTRIBUTION = "attribution"
+    MODEL = "artifacts/model.pt"
+    VALIDATION = "validation.json"
+
+    @staticmethod
+    def synset_name(class_index: int) -> str:
+        return f"artifacts/synsets/class-{class_index:06d}.pt"
+
+    def write_part(self, first_unit: int, last_unit: int, table: pa.Table) -> str:
+        name = part_name(first_unit, last_unit)
+        self.write_table(f"{self.ATTRIBUTION}/{name}", table.cast(ATTRIBUTION_SCHEMA))
+        return name
+
+    def parts(self) -> list[str]:
+        return [n for n in self.list(self.ATTRIBUTION) if n.startswith("part-") and n.endswith(".parquet")]
+
+
+def pickle_errors() -> type[Exception]:
+    import pickle
+
+    return pickle.UnpicklingError
