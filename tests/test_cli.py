@@ -1,0 +1,126 @@
+"""`ddm-ray` end to end on tiny data: outputs, determinism, validation and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from ddm_ray.cli import main
+from ddm_ray.store.run_store import ATTRIBUTION_SCHEMA, TEST_INDEX_SCHEMA, UNITS_SCHEMA
+from tests.conftest import TINY_RUN, blobs, write_parquet
+
+
+def _run(tmp_path, tiny_parquet, out_name="out", extra=()):
+    tr, te = tiny_parquet
+    out = str(tmp_path / out_name)
+    rc = main(["run", "--dataset", "parquet", "--train", tr, "--test", te, "--out", out, *TINY_RUN, *extra])
+    return rc, out
+
+
+def _manifest(out):
+    with open(f"{out}/manifest.json") as f:
+        return json.load(f)
+
+
+def test_run_writes_the_output_contract(tmp_path, tiny_parquet):
+    rc, out = _run(tmp_path, tiny_parquet)
+    assert rc == 0
+    m = _manifest(out)
+    assert m["status"] == "complete"
+    assert m["counts"]["units"] == 6 and m["counts"]["rows"] == 18
+    assert len(m["config_hash"]) == 16 and "torch" in m["versions"]
+    assert set(m["timings_seconds"]) >= {"load_data", "train_and_units", "distill", "online", "total"}
+    units = pq.read_table(f"{out}/units.parquet")
+    assert units.schema.equals(UNITS_SCHEMA)
+    members = sorted(i for ids in units.column("sample_ids").to_pylist() for i in ids)
+    assert members == list(range(1000, 1120))  # every training id in exactly one unit
+    assert set(units.column("level").to_pylist()) == {"cluster"}
+    ti = pq.read_table(f"{out}/test_index.parquet")
+    assert ti.schema.equals(TEST_INDEX_SCHEMA) and ti.column("test_id").to_pylist() == list(range(30))
+    att = pq.read_table(f"{out}/attribution")
+    assert att.schema.equals(ATTRIBUTION_SCHEMA)
+    keys = sorted(zip(att.column("unit_id").to_pylist(), att.column("objective").to_pylist(), strict=True))
+    assert keys == sorted((u, o) for u in range(6) for o in ("loss", "margin", "correct"))
+    assert all(len(d) == 30 for d in att.column("delta").to_pylist())
+
+
+def test_same_config_gives_identical_files_and_refuses_other_configs(tmp_path, tiny_parquet, capsys):
+    _, a = _run(tmp_path, tiny_parquet, "a")
+    _, b = _run(tmp_path, tiny_parquet, "b")
+    import os
+
+    for rel in ["units.parquet", "test_index.parquet"] + [
+        f"attribution/{n}" for n in sorted(os.listdir(f"{a}/attribution"))
+    ]:
+        with open(f"{a}/{rel}", "rb") as fa, open(f"{b}/{rel}", "rb") as fb:
+            assert fa.read() == fb.read(), rel
+    rc, _ = _run(tmp_path, tiny_parquet, "a", extra=("--ipc", "3"))
+    assert rc != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ddm-ray: error:") and "another config" in err[-1]
+    assert _manifest(a)["status"] == "complete"  # untouched
+
+
+def test_validate_and_inspect(tmp_path, tiny_parquet, capsys):
+    _, out = _run(tmp_path, tiny_parquet)
+    assert main(["validate", "--out", out, "--units", "3", "--quiet"]) == 0
+    with open(f"{out}/validation.json") as f:
+        v = json.load(f)
+    assert v["units_validated"] == 3
+    for key in ("pearson", "spearman", "ddm_seconds_per_unit", "retrain_seconds_per_unit", "speedup"):
+        assert key in v
+    assert set(v["per_objective"]) == {"loss", "margin", "correct"}
+    assert "gradient_ascent" in v["per_objective"]["loss"]
+    capsys.readouterr()
+    assert main(["inspect", "--out", out, "--test-id", "4", "--top", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "most helpful" in text and "most harmful" in text
+    assert main(["inspect", "--out", out, "--test-id", "999"]) != 0
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--clusters-per-class", "0"], "K"),
+        (["--ipc", "0"], "IPC"),
+        (["--clusters-per-class", "50"], "fewer than"),
+        (["--model", "convnet"], "C,H,W"),
+        (["--objectives", "loss,accuracy"], "objectives"),
+    ],
+)
+def test_bad_options_one_line_nonzero(tmp_path, tiny_parquet, capsys, args, match):
+    rc, out = _run(tmp_path, tiny_parquet, extra=tuple(args))
+    assert rc != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and "Traceback" not in err[0]
+    import os
+
+    if os.path.exists(f"{out}/manifest.json"):
+        assert _manifest(out)["status"] != "complete"
+
+
+def test_bad_data_never_marks_complete(tmp_path, tiny_parquet, capsys):
+    x, y = blobs(20, classes=3)
+    bad = write_parquet(str(tmp_path / "t.parquet"), x, y + 7)  # labels outside the training classes
+    tr, _ = tiny_parquet
+    out = str(tmp_path / "o")
+    rc = main(["run", "--dataset", "parquet", "--train", tr, "--test", bad, "--out", out, *TINY_RUN])
+    assert rc != 0
+    assert "not among the training classes" in capsys.readouterr().err
+    import os
+
+    assert not os.path.exists(f"{out}/manifest.json") or _manifest(out)["status"] != "complete"
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "ddm_ray.cli", "run", "--dataset", "parquet", "--train", "/nope.parquet",
+         "--test", "/nope.parquet", "--out", str(tmp_path / "o"), "--engine", "local"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines() == ["ddm-ray: error: /nope.parquet: no such file"]
+    p = subprocess.run([sys.executable, "-m", "ddm_ray.cli", "run", "--epochs", "x"], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
