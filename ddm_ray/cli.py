@@ -138,7 +138,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from ddm_ray.engine import run_with_engine
 
     cfg, exe = configs_from_args(a)
-    manifest = run_with_engine(cfg, exe, a.out, address=a.address, log=_logger(a.quiet))
+    manifest = run_with_engine(cfg, exe, a.out, address=a.address, log=_logger(a.quiet), progress=not a.quiet)
     c = manifest["counts"]
     print(
         f"complete: {c['units']} units x {c['test_samples']} test samples x {c['objectives']} "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ from ddm_ray.core.synset import Synset
 from ddm_ray.core.training import Trajectory, train
 from ddm_ray.core.units import Units, make_units
 from ddm_ray.data import Dataset, load_dataset
-from ddm_ray.errors import RunStateError
+from ddm_ray.errors import InputError, RunStateError
 from ddm_ray.store.run_store import TEST_INDEX_SCHEMA, UNITS_SCHEMA, RunStore, part_name
 
 FORMAT_VERSION = 1
@@ -257,10 +257,15 @@ def _check_out(store: RunStore, cfg: RunConfig, resume: bool) -> dict[str, Any] 
 class Run:
     """Drives one run: offline stage, online stage, manifest. Used by the CLI and jobs/."""
 
-    def __init__(self, cfg: RunConfig, exe: ExecConfig, out: str, executor: Executor, log: Any = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, exe: ExecConfig, out: str, executor: Executor, log: Any = None,
+        progress: Callable[[int, int], Any] | None = None,
+    ) -> None:
+        """progress(total_rows, rows_already_done) -> object with update(rows) and close()."""
         self.cfg, self.exe, self.executor = cfg, exe, executor
         self.store = RunStore(out, exe.storage_options)
         self.log = log or (lambda msg: None)
+        self.progress = progress
         self.timings: dict[str, float] = {}
         self.manifest: dict[str, Any] = {}
 
@@ -286,10 +291,22 @@ class Run:
         }
         self.store.write_json(RunStore.MANIFEST, self.manifest)
 
-    def _offline(self, resume: bool) -> Offline:
+    def _load(self) -> Dataset:
+        """Load and check the data before anything is written to the output folder."""
         t0 = time.perf_counter()
         dataset = load_dataset(self.cfg.data, self.exe.storage_options)
+        k = self.cfg.units.clusters_per_class
+        counts = torch.bincount(dataset.y_train, minlength=dataset.num_classes)
+        small = [(dataset.classes[c], int(n)) for c, n in enumerate(counts) if n < k]
+        if small:
+            label, n = small[0]
+            raise InputError(
+                f"class {label} has {n} training samples, fewer than --clusters-per-class {k}"
+            )
         self._stage("load_data", t0)
+        return dataset
+
+    def _offline(self, dataset: Dataset, resume: bool) -> Offline:
         if resume and self.store.exists(RunStore.MODEL):
             state = self.store.read_torch(RunStore.MODEL)
             net = Network(self.cfg.model, dataset.input_shape, dataset.num_classes)
@@ -344,24 +361,25 @@ class Run:
         t_all = time.perf_counter()
         previous = _check_out(self.store, self.cfg, self.exe.resume)
         resume = self.exe.resume and previous is not None
+        dataset = self._load()
         if not resume:
             self.store.remove(RunStore.ATTRIBUTION)
             self.store.remove("artifacts")
             self.store.remove(RunStore.VALIDATION)
         self._write_manifest("running", {})
-        off = self._offline(resume)
+        off = self._offline(dataset, resume)
         syn = self._synsets(off, resume, n_shards)
         n_units = off.units.num_units
         names = self.cfg.online.objectives
         bs = self.exe.block_units
         blocks = [Block(i, min(i + bs, n_units) - 1) for i in range(0, n_units, bs)]
-        done = set(self.store.parts()) if resume else set()
+        present = set(self.store.list(RunStore.ATTRIBUTION)) if resume else set()
         expected = {b.part for b in blocks}
-        stale = done - expected
-        if stale:  # parts from another block size: drop them, their units are recomputed
+        stale = present - expected
+        done = present & expected
+        if stale:  # parts of another block size or temporary files of a killed writer: drop them
             for name in stale:
                 self.store.remove(f"{RunStore.ATTRIBUTION}/{name}")
-            done -= stale
         todo = [(b, syn.select(slice(b.first, b.last + 1))) for b in blocks if b.part not in done]
         job = OnlineJob(
             self.cfg, off.dataset.input_shape, off.dataset.num_classes, off.traj.final,
@@ -370,8 +388,16 @@ class Run:
         )
         t0 = time.perf_counter()
         rows = 0
-        for _block, n in self.executor.evaluate(job, todo):
-            rows += n
+        units_left = sum(b.last - b.first + 1 for b, _ in todo)
+        bar = self.progress(n_units * len(names), (n_units - units_left) * len(names)) if self.progress else None
+        try:
+            for _block, n in self.executor.evaluate(job, todo):
+                rows += n
+                if bar is not None:
+                    bar.update(n)
+        finally:
+            if bar is not None:
+                bar.close()
         self._stage("online", t0)
         parts = set(self.store.parts())
         if parts != expected:

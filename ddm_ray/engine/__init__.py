@@ -6,39 +6,80 @@ import os
 from typing import Any
 
 from ddm_ray.config import ExecConfig, RunConfig
+from ddm_ray.errors import DDMError
 
 
-def run_with_engine(cfg: RunConfig, exe: ExecConfig, out: str, address: str | None = None, log: Any = None) -> dict[str, Any]:
-    """Run the pipeline on the engine exe.engine names; returns the final manifest."""
+class EngineError(DDMError):
+    """Distributed execution failed (a task exhausted its retries, an actor died, no cluster)."""
+
+
+def _local_device(device: str) -> str:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda but torch sees no CUDA device; use --device auto or cpu")
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def _progress_factory(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from ddm_ray.engine.progress import Progress
+
+    return lambda total, done: Progress(total, done)
+
+
+def run_with_engine(
+    cfg: RunConfig, exe: ExecConfig, out: str, address: str | None = None, log: Any = None, progress: bool = False
+) -> dict[str, Any]:
+    """Run the pipeline on the engine exe.engine names; returns the final manifest.
+
+    address: a Ray cluster to join; default RAY_ADDRESS when set (as inside `ray job submit`),
+    else a local runtime is started for this run and stopped afterwards.
+    progress: show online progress (a bar on a terminal, log lines otherwise).
+    """
     from ddm_ray.pipeline import Run
 
+    bar = _progress_factory(progress)
     if exe.engine == "local":
         from ddm_ray.engine.local import LocalExecutor
 
-        return Run(cfg, exe, out, LocalExecutor(), log=log).execute(n_shards=1)
+        return Run(cfg, exe, out, LocalExecutor(_local_device(exe.device)), log=log, progress=bar).execute(n_shards=1)
 
     import ray
 
+    from ddm_ray.engine.placement import plan_placement
     from ddm_ray.engine.ray_executor import RayExecutor
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = False
     if not ray.is_initialized():
-        addr = address or os.environ.get("RAY_ADDRESS")
-        if addr:
-            ray.init(address=addr, log_to_driver=True)
-        else:
-            ray.init(
-                num_cpus=exe.num_cpus or os.cpu_count() or 1,
-                include_dashboard=False,
-                object_store_memory=200 * 1024 * 1024,
-                logging_level="ERROR",
-            )
+        try:
+            if address or os.environ.get("RAY_ADDRESS"):
+                ray.init(address=address or "auto", log_to_driver=True, logging_level="ERROR")
+            else:
+                ray.init(
+                    num_cpus=exe.num_cpus or os.cpu_count() or 1,
+                    include_dashboard=False,
+                    object_store_memory=200 * 1024 * 1024,
+                    logging_level="ERROR",
+                )
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise EngineError(f"cannot start or reach Ray ({address or os.environ.get('RAY_ADDRESS') or 'local'}): {e}") from None
         started = True
     try:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        executor = RayExecutor(workers, exe.max_in_flight, device="cpu")
-        return Run(cfg, exe, out, executor, log=log).execute(n_shards=workers)
+        res = ray.cluster_resources()
+        placement = plan_placement(exe.device, res.get("GPU", 0), res.get("CPU", 1))
+        slots = placement.actors if placement.task_gpus else max(1, int(res.get("CPU", 1)))
+        executor = RayExecutor(placement, exe.max_in_flight, task_slots=slots)
+        if log:
+            log(f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs -> device {placement.device}, "
+                f"{placement.actors} distillation actor(s), {executor.max_in_flight} online tasks in flight")
+        try:
+            return Run(cfg, exe, out, executor, log=log, progress=bar).execute(n_shards=placement.actors)
+        except ray.exceptions.RayError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EngineError(f"Ray execution failed ({type(e).__name__}: {first}); rerun with --resume to finish") from None
     finally:
         if started:
             ray.shutdown()

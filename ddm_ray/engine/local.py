@@ -6,19 +6,26 @@ from collections.abc import Iterator
 from typing import Any
 
 from ddm_ray.core.synset import Synset
+from ddm_ray.engine import faults
 from ddm_ray.pipeline import Block, DistillJob, OnlineJob, distill_shard, run_block
 
 
 class LocalExecutor:
-    """The serial path: no Ray. Used by tests and `--engine local`."""
+    """The serial path: no Ray. Used by tests, benchmarks and `--engine local`."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
 
     def distill(self, job: DistillJob, shards: list[list[int]]) -> Iterator[tuple[int, Synset]]:
+        job.device = self.device
         for shard in shards:
             yield from distill_shard(job, shard)
 
     def evaluate(self, job: OnlineJob, blocks: list[tuple[Block, Synset]]) -> Iterator[tuple[Block, int]]:
+        job.device = self.device
         for block, syn in blocks:
+            faults.before_block(block.first, block.last)  # test-only hook, inert in normal runs
             yield block, run_block(job, block, syn)
 
     def describe(self) -> dict[str, Any]:
-        return {"executor": "local"}
+        return {"executor": "local", "device": self.device}
