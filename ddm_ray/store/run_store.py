@@ -74,7 +74,8 @@ class RunStore:
             parent = dest.rsplit("/", 1)[0]
             if self._local:
                 self.fs.makedirs(parent, exist_ok=True)
-                tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+                # hidden temp name: dataset readers (pyarrow) skip dot-files
+                tmp = f"{parent}/.{dest.rsplit('/', 1)[1]}.tmp-{uuid.uuid4().hex}"
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
