@@ -1,7 +1,8 @@
 """TEST-ONLY fault injection for the online stage. Inert unless its environment variables are set.
 
-DDM_RAY_TEST_FAIL_ONCE_DIR=<folder>: the first attempt of each block creates a marker file there
-  and raises `InjectedFault`; later attempts (a Ray retry) find the marker and proceed.
+DDM_RAY_TEST_FAULTS_DIR=<folder>: a file `fail-<first unit>` in that folder makes the next attempt
+  of the block starting at that unit raise `InjectedFault` once (the attempt deletes the file, so a
+  Ray retry proceeds). Set it before workers start; create the files whenever a test needs a fault.
 DDM_RAY_TEST_BLOCK_DELAY_S=<seconds>: sleep before each block (to interrupt a run mid-stage).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-FAIL_ONCE_ENV = "DDM_RAY_TEST_FAIL_ONCE_DIR"
+FAULTS_DIR_ENV = "DDM_RAY_TEST_FAULTS_DIR"
 DELAY_ENV = "DDM_RAY_TEST_BLOCK_DELAY_S"
 
 
@@ -18,16 +19,18 @@ class InjectedFault(RuntimeError):
     """Raised by the test-only hook; never raised in normal runs."""
 
 
+def fail_file(folder: str, first: int) -> str:
+    return os.path.join(folder, f"fail-{first}")
+
+
 def before_block(first: int, last: int) -> None:
     delay = os.environ.get(DELAY_ENV)
     if delay:
         time.sleep(float(delay))
-    folder = os.environ.get(FAIL_ONCE_ENV)
+    folder = os.environ.get(FAULTS_DIR_ENV)
     if folder:
-        marker = os.path.join(folder, f"failed-{first}-{last}")
         try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+            os.remove(fail_file(folder, first))  # atomic: exactly one attempt consumes the fault
+        except FileNotFoundError:
             return
-        os.close(fd)
-        raise InjectedFault(f"injected failure of block {first}-{last} (test hook {FAIL_ONCE_ENV})")
+        raise InjectedFault(f"injected failure of block {first}-{last} (test hook {FAULTS_DIR_ENV})")
