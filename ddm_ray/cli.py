@@ -83,6 +83,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--online-steps", type=int, default=o.steps)
     g.add_argument("--online-lr", type=float, default=o.lr)
     g.add_argument("--objectives", default=",".join(o.objectives), help="subset of loss,margin,correct")
+    g.add_argument("--online-precision", default=o.precision, help="fp32 | tf32 | bf16 (tf32/bf16: GPU speed-ups)")
     g = p.add_argument_group("execution (does not change results)")
     g.add_argument("--out", default="./ddm-out", help="output folder or URL (file://, s3://)")
     g.add_argument("--engine", default="ray", help="ray (default) | local (in-process, no Ray)")
@@ -116,7 +117,9 @@ def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
             method=a.distill_method, ipc=a.ipc, steps=a.distill_steps, lr=a.distill_lr,
             unroll_epochs=a.unroll_epochs, seed=a.seed,
         ),
-        online=OnlineConfig(steps=a.online_steps, lr=a.online_lr, objectives=objectives),
+        online=OnlineConfig(
+            steps=a.online_steps, lr=a.online_lr, objectives=objectives, precision=a.online_precision
+        ),
     )
     exe = ExecConfig(
         engine=a.engine, device=a.device, online_batch=a.online_batch, block_units=a.block_units,

@@ -144,8 +144,10 @@ class OnlineConfig:
     steps: int = 1
     lr: float = 0.1
     objectives: tuple[str, ...] = OBJECTIVES
+    precision: str = field(default="fp32", metadata={"help": "fp32 | tf32 | bf16 (GPU speed-ups)"})
 
     def __post_init__(self) -> None:
+        _check(self.precision in ("fp32", "tf32", "bf16"), "precision must be fp32, tf32 or bf16")
         _check(self.steps >= 1, "online steps must be >= 1")
         _check(self.lr > 0, "online lr must be > 0")
         bad = [o for o in self.objectives if o not in OBJECTIVES]

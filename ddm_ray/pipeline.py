@@ -24,7 +24,12 @@ from ddm_ray.config import ExecConfig, RunConfig
 from ddm_ray.core.displacement import unrolled_displacement
 from ddm_ray.core.distill import distill_class
 from ddm_ray.core.models import Network, Params, flatten
-from ddm_ray.core.online import base_objectives, evaluate_units
+from ddm_ray.core.online import (
+    available_memory_bytes,
+    base_objectives,
+    choose_online_batch,
+    evaluate_units,
+)
 from ddm_ray.core.synset import Synset
 from ddm_ray.core.training import Trajectory, train
 from ddm_ray.core.units import Units, make_units
@@ -75,7 +80,7 @@ class OnlineJob:
     y_test: torch.Tensor
     store_url: str
     storage_options: dict[str, str] = field(default_factory=dict)
-    online_batch: int = 64
+    online_batch: int | None = None  # None: chosen per worker from free device memory
     device: str = "cpu"
 
 
@@ -124,7 +129,16 @@ def distill_shard(job: DistillJob, class_indices: list[int]) -> Iterator[tuple[i
         members = [torch.nonzero(job.unit_of == u).flatten().to(dev) for u in uids]
         target = disp_flat[ci * k : (ci + 1) * k] if disp_flat is not None else None
         syn = distill_class(net, traj, c, uids, members, x, y, cfg.distill, cfg.online, target)
-        yield c, Synset(*(t.detach().cpu() for t in (syn.unit_ids, syn.x, syn.logits, syn.weight)))
+        yield c, Synset.from_dict({n: t.detach().cpu() for n, t in syn.to_dict().items()})
+
+
+def online_batch_for(job: OnlineJob, net: Network, final: Params, ipc: int) -> tuple[int, int | None]:
+    """(units per batched pass, test samples per forward chunk): --online-batch if given, else the
+    largest that fits a quarter of the free memory of the worker's device."""
+    n_test = int(job.x_test.shape[0])
+    budget = available_memory_bytes(torch.device(job.device)) // 4
+    auto_b, chunk = choose_online_batch(net, final, n_test, ipc, job.cfg.online.steps, budget)
+    return (job.online_batch or auto_b), (None if chunk >= n_test else chunk)
 
 
 def evaluate_block(job: OnlineJob, syn: Synset) -> pa.Table:
@@ -135,12 +149,13 @@ def evaluate_block(job: OnlineJob, syn: Synset) -> pa.Table:
     net.module.to(dev)
     final = {k: v.to(dev) for k, v in job.final.items()}
     x_test, y_test = job.x_test.to(dev), job.y_test.to(dev)
-    syn_d = Synset(*(t.to(dev) for t in (syn.unit_ids, syn.x, syn.logits, syn.weight)))
+    syn_d = Synset.from_dict({n: t.to(dev) for n, t in syn.to_dict().items()})
     names = cfg.online.objectives
     base = base_objectives(net, final, x_test, y_test, names)
+    batch, chunk = online_batch_for(job, net, final, syn.x.shape[1])
     deltas = evaluate_units(
         net, final, syn_d, x_test, y_test, names, cfg.online.steps, cfg.online.lr,
-        batch=job.online_batch, base=base,
+        batch=batch, base=base, precision=cfg.online.precision, test_chunk=chunk,
     ).cpu()  # (n_obj, U, N)
     n_obj, n_units, n_test = deltas.shape
     unit_col = np.repeat(syn.unit_ids.numpy(), n_obj)
@@ -268,6 +283,7 @@ class Run:
         self.progress = progress
         self.timings: dict[str, float] = {}
         self.manifest: dict[str, Any] = {}
+        self.online_batch: int | None = exe.online_batch
 
     def _stage(self, name: str, t0: float) -> None:
         self.timings[name] = round(time.perf_counter() - t0, 3)
@@ -284,7 +300,8 @@ class Run:
             "counts": counts,
             "execution": {
                 "engine": self.exe.engine,
-                "online_batch": self.exe.online_batch,
+                "online_batch": self.online_batch,
+                "online_batch_mode": "fixed" if self.exe.online_batch else "auto (free memory)",
                 "block_units": self.exe.block_units,
                 **self.executor.describe(),
             },
@@ -384,8 +401,11 @@ class Run:
         job = OnlineJob(
             self.cfg, off.dataset.input_shape, off.dataset.num_classes, off.traj.final,
             off.dataset.x_test, off.dataset.y_test, self.store.url, self.exe.storage_options,
-            online_batch=self.exe.online_batch or 64,
+            online_batch=self.exe.online_batch,
         )
+        if self.online_batch is None and n_units:
+            # what a worker on this machine's device picks (GPU workers size from their own memory)
+            self.online_batch = online_batch_for(job, off.net, off.traj.final, int(syn.x.shape[1]))[0]
         t0 = time.perf_counter()
         rows = 0
         units_left = sum(b.last - b.first + 1 for b, _ in todo)

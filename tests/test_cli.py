@@ -32,6 +32,7 @@ def test_run_writes_the_output_contract(tmp_path, tiny_parquet):
     assert m["counts"]["units"] == 6 and m["counts"]["rows"] == 18
     assert len(m["config_hash"]) == 16 and "torch" in m["versions"]
     assert set(m["timings_seconds"]) >= {"load_data", "train_and_units", "distill", "online", "total"}
+    assert isinstance(m["execution"]["online_batch"], int) and m["execution"]["online_batch"] >= 1
     units = pq.read_table(f"{out}/units.parquet")
     assert units.schema.equals(UNITS_SCHEMA)
     members = sorted(i for ids in units.column("sample_ids").to_pylist() for i in ids)

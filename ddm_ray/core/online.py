@@ -9,6 +9,9 @@ reference the batched path must agree with.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch.func import vmap
 
@@ -29,6 +32,79 @@ def base_objectives(
         return all_objectives(_test_logits(net, final, x_test, 4096), y_test, names)
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """fp32: exact float32; tf32: TF32 matmuls/convolutions on CUDA (no-op on CPU);
+    bf16: autocast to bfloat16 (CUDA or CPU). Deltas are always returned in float32."""
+    if precision == "fp32":
+        yield
+    elif precision == "tf32":
+        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    elif precision == "bf16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        raise ValueError(f"unknown precision {precision}")
+
+
+def activation_numel(net: Network, params: Params, sample: torch.Tensor) -> int:
+    """Sum of the output sizes of every module for one sample (1, *input_shape)."""
+    total = 0
+
+    def hook(_m: torch.nn.Module, _i: object, out: torch.Tensor) -> None:
+        nonlocal total
+        total += out[0].numel() if isinstance(out, torch.Tensor) else 0
+
+    leaves = [m for m in net.module.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            net.logits(params, sample)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def choose_online_batch(
+    net: Network, params: Params, n_test: int, ipc: int, steps: int, budget_bytes: int, cap: int = 1024
+) -> tuple[int, int]:
+    """(B, test_chunk) that fit `budget_bytes`, float32 throughout.
+
+    Half the budget holds B fine-tuned parameter copies with their gradients (P * (2 * steps + 2)
+    per unit) and the synsets' saved activations; the other half holds the test forward pass of
+    B models over `test_chunk` samples (B * test_chunk * A * 2, A = activations per sample).
+    """
+    p = sum(v.numel() for v in params.values())
+    sample = torch.zeros(1, *net.input_shape, device=next(iter(params.values())).device)
+    a = activation_numel(net, params, sample)
+    per_unit = 4 * (p * (2 * steps + 2) + ipc * a * 4 * steps)
+    b = int(max(1, min(cap, (budget_bytes // 2) // max(1, per_unit))))
+    chunk = int(max(1, min(n_test, (budget_bytes // 2) // max(1, 8 * a * b))))
+    return b, chunk
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on the device (CUDA: free device memory; CPU: available system memory)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with ray[default]
+        return 2 * 1024**3
+
+
 def evaluate_units(
     net: Network,
     final: Params,
@@ -40,26 +116,33 @@ def evaluate_units(
     lr: float,
     batch: int = 64,
     base: torch.Tensor | None = None,
+    precision: str = "fp32",
+    test_chunk: int | None = None,
 ) -> torch.Tensor:
     """Deltas for every unit of syn: returns (n_obj, U, N_test) float32.
 
     Units are processed `batch` at a time: B parameter copies are fine-tuned and run over the test
-    set together.
+    set together (one vmapped fine-tune and one vmapped forward per chunk). The base objectives
+    f(theta_final, x) are computed in float32 whatever the precision.
     """
     if base is None:
         base = base_objectives(net, final, x_test, y_test, names)
 
-    def one(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        p = fast_learn(net, final, x, z, w, steps, lr)
-        return net.logits(p, x_test)
-
-    batched = vmap(one)
+    n_test = x_test.shape[0]
+    chunk = test_chunk or n_test
+    tune = vmap(lambda x, z, w: fast_learn(net, final, x, z, w, steps, lr))
+    forward = vmap(net.logits, in_dims=(0, None))
     out = []
     with torch.no_grad():
         for i in range(0, len(syn), batch):
             part = syn.select(slice(i, i + batch))
-            logits = batched(part.x, part.logits, part.weight)  # (b, N, C)
-            out.append(all_objectives(logits, y_test, names) - base[:, None, :])
+            cols = []
+            with precision_context(precision, x_test.device):
+                tuned = tune(part.x, part.logits, part.weight)  # Params, each (b, *shape)
+                for j in range(0, n_test, chunk):
+                    logits = forward(tuned, x_test[j : j + chunk])  # (b, n, C)
+                    cols.append(all_objectives(logits.float(), y_test[j : j + chunk], names))
+            out.append(torch.cat(cols, dim=-1) - base[:, None, :])
     return torch.cat(out, dim=1).float()
 
 

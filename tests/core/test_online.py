@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from ddm_ray.config import ModelConfig
+from ddm_ray.core.metrics import pearson
 from ddm_ray.core.models import Network
 from ddm_ray.core.objectives import per_sample
-from ddm_ray.core.online import evaluate_units, evaluate_units_loop
+from ddm_ray.core.online import choose_online_batch, evaluate_units, evaluate_units_loop
 from ddm_ray.core.synset import Synset
 
 
@@ -40,3 +41,31 @@ def test_objectives_on_hand_computed_logits():
     torch.testing.assert_close(per_sample(logits, y, "correct"), torch.tensor([1.0, 0.0]))
     expected = -torch.log_softmax(logits, -1)[torch.arange(2), y]
     torch.testing.assert_close(per_sample(logits, y, "loss"), expected)
+
+
+def _setup_mlp(u=9):
+    torch.manual_seed(1)
+    net = Network(ModelConfig(hidden=(12,)), (8,), 3)
+    final = net.init_params(0)
+    syn = Synset(torch.arange(u), torch.rand(u, 2, 8), torch.randn(u, 2, 3), torch.rand(u, 2))
+    return net, final, syn, torch.rand(13, 8), torch.randint(0, 3, (13,))
+
+
+def test_test_chunking_and_bf16():
+    net, final, syn, xt, yt = _setup_mlp()
+    names = ("loss", "margin")
+    ref = evaluate_units(net, final, syn, xt, yt, names, 1, 0.3, batch=4)
+    got = evaluate_units(net, final, syn, xt, yt, names, 1, 0.3, batch=4, test_chunk=5)
+    torch.testing.assert_close(got, ref)
+    low = evaluate_units(net, final, syn, xt, yt, names, 1, 0.3, batch=4, precision="bf16")
+    assert low.dtype == torch.float32 and low.shape == ref.shape
+    assert float(pearson(low, ref)) > 0.9  # bf16 changes the numbers, not the picture
+
+
+def test_batch_choice_grows_with_memory_and_stays_bounded():
+    net, final, *_ = _setup_mlp()
+    small = choose_online_batch(net, final, 1000, 4, 1, 1 << 20)
+    big = choose_online_batch(net, final, 1000, 4, 1, 1 << 30)
+    assert 1 <= small[0] <= big[0] <= 1024
+    assert 1 <= small[1] <= 1000 and big[1] <= 1000
+    assert choose_online_batch(net, final, 1000, 4, 1, 1) == (1, 1)
