@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -50,7 +51,10 @@ def run_with_engine(
 
     from ddm_ray.engine.placement import plan_placement
     from ddm_ray.engine.ray_executor import RayExecutor
+    from ddm_ray.store.fs import with_env_options
 
+    # workers do not share the driver's environment: its S3 settings travel with the job
+    exe = dataclasses.replace(exe, storage_options=with_env_options(out, exe.storage_options))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = False
     if not ray.is_initialized():

@@ -70,3 +70,32 @@ def join(base: str, *parts: str) -> str:
 
 def wrap_storage_error(url: str, e: Exception) -> StorageError:
     return StorageError(f"{url}: storage error ({type(e).__name__}: {e})")
+
+
+_ENV_OPTIONS = (
+    ("endpoint_url", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
+    ("region", ("AWS_REGION", "AWS_DEFAULT_REGION")),
+    ("key", ("AWS_ACCESS_KEY_ID",)),
+    ("secret", ("AWS_SECRET_ACCESS_KEY",)),
+    ("token", ("AWS_SESSION_TOKEN",)),
+)
+
+
+def with_env_options(url: str, storage_options: dict[str, str]) -> dict[str, str]:
+    """storage_options plus the driver's AWS environment for an s3:// URL, made explicit.
+
+    Remote workers do not see the driver's environment; what the driver resolved travels with
+    the job instead. Explicit options win; nothing is added for non-S3 URLs or unset variables
+    (workers then use their own credentials, e.g. an instance role).
+    """
+    out = dict(storage_options)
+    if not url.startswith(("s3://", "s3a://")):
+        return out
+    for key, names in _ENV_OPTIONS:
+        if key in out:
+            continue
+        for name in names:
+            if os.environ.get(name):
+                out[key] = os.environ[name]
+                break
+    return out
