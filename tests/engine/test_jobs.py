@@ -79,7 +79,12 @@ def _submit(env: dict[str, str], address: str, args: list[str]) -> subprocess.Co
     runtime_env = {"env_vars": {k: env[k] for k in (*AWS_ENV, "OMP_NUM_THREADS")}}
     cmd = [*_ray_cli(), "job", "submit", "--address", address, "--working-dir", ".",
            "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/audit.py", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent may come up a little after the dashboard
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent to submit job" not in r.stderr + r.stdout or time.monotonic() > deadline:
+            return r
+        time.sleep(3)
 
 
 def test_audit_job_writes_a_complete_run_to_s3(cluster: tuple[str, dict[str, str]], moto_s3: str) -> None:
