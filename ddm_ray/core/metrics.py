@@ -35,3 +35,26 @@ def nanmean(v: torch.Tensor) -> float:
     """Mean ignoring NaN; NaN if all are NaN."""
     ok = ~torch.isnan(v)
     return float(v[ok].mean()) if ok.any() else float("nan")
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC of scores (n,) for binary labels (n,): P(score_pos > score_neg), ties count 1/2.
+
+    Mann-Whitney form with average ranks. NaN when either class is empty.
+    """
+    s = scores.double().flatten()
+    pos = labels.flatten().bool()
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = _rank(s)
+    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def precision_at_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of positives among the k highest scores (stable order on ties). NaN if k < 1."""
+    if k < 1:
+        return float("nan")
+    k = min(k, scores.numel())
+    order = torch.sort(scores.double().flatten(), descending=True, stable=True).indices[:k]
+    return float(labels.flatten().bool()[order].double().mean())

@@ -1,0 +1,1 @@
+"""Benchmarks of attribution fidelity and data quality (`ddm-ray bench ...`)."""
