@@ -76,6 +76,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unit-features", default=u.features, help="input | penultimate (k-means space)")
     g.add_argument("--ipc", type=int, default=s.ipc, help="synthetic samples per unit")
     g.add_argument("--distill-method", default=s.method, help="displacement | soft_label | literal")
+    g.add_argument("--distill-match", default=s.match, help="displacement fit space: fisher | parameter")
+    g.add_argument("--probe-samples", type=int, default=s.probe_samples, help="fisher match: probes per shard")
     g.add_argument("--distill-steps", type=int, default=s.steps)
     g.add_argument("--distill-lr", type=float, default=s.lr)
     g.add_argument("--unroll-epochs", type=int, help="unroll only the last N epochs (default all)")
@@ -115,7 +117,8 @@ def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
         units=UnitConfig(clusters_per_class=a.clusters_per_class, features=a.unit_features, seed=a.seed),
         distill=DistillConfig(
             method=a.distill_method, ipc=a.ipc, steps=a.distill_steps, lr=a.distill_lr,
-            unroll_epochs=a.unroll_epochs, seed=a.seed,
+            unroll_epochs=a.unroll_epochs, seed=a.seed, match=a.distill_match,
+            probe_samples=a.probe_samples,
         ),
         online=OnlineConfig(
             steps=a.online_steps, lr=a.online_lr, objectives=objectives, precision=a.online_precision

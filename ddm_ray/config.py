@@ -127,6 +127,17 @@ class DistillConfig:
         default=None, metadata={"help": "unroll only the last N epochs (None: all)"}
     )
     seed: int = 0
+    match: str = field(
+        default="fisher",
+        metadata={"help": "displacement fit space: parameter | fisher (probe-loss effect)"},
+    )
+    probe_samples: int = field(
+        default=512, metadata={"help": "fisher match: probe samples per class shard"}
+    )
+    probe_rank: int = field(default=300, metadata={"help": "fisher match: metric rank kept"})
+    probe_norm: float = field(
+        default=0.5, metadata={"help": "fisher match: per-probe normalisation exponent"}
+    )
 
     def __post_init__(self) -> None:
         _check(self.method in DISTILL_METHODS, f"distill method must be one of {DISTILL_METHODS}")
@@ -135,6 +146,10 @@ class DistillConfig:
         _check(self.lr > 0, "distill lr must be > 0")
         _check(self.max_gap >= 1, "max gap must be >= 1")
         _check(self.unroll_epochs is None or self.unroll_epochs >= 1, "unroll epochs must be >= 1")
+        _check(self.match in ("parameter", "fisher"), "distill match must be parameter or fisher")
+        _check(self.probe_samples >= 1, "probe samples must be >= 1")
+        _check(self.probe_rank >= 1, "probe rank must be >= 1")
+        _check(self.probe_norm >= 0, "probe norm must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ Two families, chosen by `DistillConfig.method`:
   model moves the parameters by D_u:  minimise  1 - cos(delta_S, D_u) + (|delta_S|/|D_u| - 1)^2,
   with delta_S = fast_learn(theta_final, S) - theta_final. For a single online step that is
   matching -lr * grad L(theta_final; S) to D_u, i.e. the synset's descent gradient is the reverse
-  of the displacement.
+  of the displacement. ``DistillConfig.match = "fisher"`` fits the same target in an empirical-
+  Fisher metric instead (D_u's effect on the losses of probe training samples), which measured
+  far more faithful on digits (Pearson vs exact LOO 0.80 against 0.47).
 * ``soft_label`` / ``literal``: the paper's reverse gradient matching over the trajectory. Pick
   checkpoints t < t+s and make -grad L(theta_{t+s}; S) match grad L(theta_t; D_u) by the summed
   per-layer (1 - cosine) distance. ``literal`` keeps hard labels equal to the unit's class,
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from ddm_ray.config import DistillConfig, OnlineConfig
+from ddm_ray.core.matching import reverse_matching_distance
 from ddm_ray.core.models import Network, Params, flatten
 from ddm_ray.core.synset import Synset, fast_learn, synset_loss
 from ddm_ray.core.training import Trajectory
@@ -57,6 +60,39 @@ def init_synset(
     )
 
 
+def _probe_metric(
+    net: Network,
+    final: Params,
+    x_probe: torch.Tensor,
+    y_probe: torch.Tensor,
+    target: torch.Tensor,
+    rank: int,
+    norm_power: float,
+) -> torch.Tensor:
+    """A (P, k) projection whose squared norm is the empirical-Fisher metric of the probe set.
+
+    Rows of G (n, P) are the probes' per-sample loss gradients at the final model, so G v is the
+    first-order change of every probe's loss under the parameter move v. Each row is divided by
+    (std over the shard's units of G_i . target_u) ** norm_power so that probes with small effects
+    still count, and G is compressed to its top `rank` right singular directions (via the n x n
+    Gram matrix): returns Q with v @ Q ~ the rank-k coordinates of G v.
+    """
+
+    def one(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(net.logits(p, xi[None]), yi[None])
+
+    per = vmap(grad(one), in_dims=(None, 0, 0))(final, x_probe, y_probe)
+    g = torch.cat([v.reshape(v.shape[0], -1) for v in per.values()], 1)  # (n, P)
+    if norm_power > 0 and target.shape[0] > 1:
+        sd = (target @ g.T).std(0).clamp_min(1e-12)
+        g = g / sd[:, None] ** norm_power
+    gram = g @ g.T
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    k = min(rank, g.shape[0])
+    keep = evecs[:, -k:] * (evals[-k:].clamp_min(0) > 1e-12 * evals[-1].clamp_min(1e-30))
+    return g.T @ keep  # (P, k): v @ Q = U_k^T G v = S_k V_k^T v
+
+
 def _fit_displacement(
     net: Network,
     final: Params,
@@ -66,25 +102,62 @@ def _fit_displacement(
     online: OnlineConfig,
     lo: float,
     hi: float,
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Synset:
-    """Fit syn so that fast_learn(final, syn_u) - final ~= target[u]; target (U, P)."""
-    x = syn.x.clone().requires_grad_(True)
-    logits = syn.logits.clone().requires_grad_(True)
-    weight = syn.weight.clone().requires_grad_(True)
+    """Fit syn so that fast_learn(final, syn_u) - final ~= target[u]; target (U, P).
+
+    With ``cfg.match == "parameter"`` the distance is 1 - cos + (relative norm - 1)^2 in parameter
+    space. With ``"fisher"`` both moves are first mapped by the probe metric (`_probe_metric`) and
+    the distance is the relative squared error |Q^T (delta_S - D_u)|^2 / |Q^T D_u|^2: what is fitted
+    is the displacement's effect on the losses of real samples, not its raw parameter vector.
+    """
+    x = syn.x.clone()
+    logits = syn.logits.clone()
+    weight = syn.weight.clone()
     theta0 = flatten(final)
-    tnorm = target.norm(dim=1).clamp_min(1e-12)
 
     def delta(xu: torch.Tensor, zu: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
         p = fast_learn(net, final, xu, zu, wu, online.steps, online.lr)
         return flatten(p) - theta0
 
     batched = vmap(delta)
+    if cfg.match == "fisher":
+        if probe is None:
+            raise ValueError("fisher matching needs probe samples")
+        q = _probe_metric(net, final, probe[0], probe[1], target, cfg.probe_rank, cfg.probe_norm)
+        tgt = target @ q
+    else:
+        q = None
+        tgt = target
+    tnorm = tgt.norm(dim=1).clamp_min(1e-12)
+
+    def project(d: torch.Tensor) -> torch.Tensor:
+        return d if q is None else d @ q
+
+    def rescale(w: torch.Tensor, by_norm: bool) -> torch.Tensor:
+        # per unit, scale (and sign) of the step: exact for one online step, which is linear in w
+        with torch.no_grad():
+            a = project(batched(x, logits, w))
+            dot = (a * tgt).sum(1)
+            if by_norm:
+                alpha = torch.where(dot < 0, -1.0, 1.0) * tnorm / a.norm(dim=1).clamp_min(1e-30)
+            else:
+                alpha = dot / (a * a).sum(1).clamp_min(1e-30)
+            return w * alpha[:, None]
+
+    if cfg.match == "fisher" and online.steps == 1:
+        weight = rescale(weight, by_norm=True)
+    x.requires_grad_(True)
+    logits.requires_grad_(True)
+    weight.requires_grad_(True)
     opt = torch.optim.Adam([x, logits, weight], lr=cfg.lr)
     for _ in range(cfg.steps):
-        d = batched(x, logits, weight)  # (U, P)
-        cos = F.cosine_similarity(d, target, dim=1)
-        mag = d.norm(dim=1) / tnorm
-        loss = ((1 - cos) + (mag - 1) ** 2).sum()
+        a = project(batched(x, logits, weight))  # (U, P) or (U, k)
+        if q is None:
+            cos = F.cosine_similarity(a, tgt, dim=1)
+            loss = ((1 - cos) + (a.norm(dim=1) / tnorm - 1) ** 2).sum()
+        else:
+            loss = (((a - tgt) ** 2).sum(1) / tnorm**2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -92,20 +165,8 @@ def _fit_displacement(
             x.clamp_(lo, hi)
     x, logits, weight = x.detach(), logits.detach(), weight.detach()
     if online.steps == 1:
-        # the step is linear in weight: rescale each unit by least squares onto its target
-        with torch.no_grad():
-            d = batched(x, logits, weight)
-            alpha = (d * target).sum(1) / (d * d).sum(1).clamp_min(1e-30)
-            weight = weight * alpha[:, None]
+        weight = rescale(weight, by_norm=False)
     return Synset(syn.unit_ids, x, logits, weight)
-
-
-def _layer_cos_distance(a: Params, b: Params) -> torch.Tensor:
-    """sum over parameter tensors of 1 - cos(a_k, b_k); a_k, b_k with a leading unit dim."""
-    total = 0.0
-    for k in a:
-        total = total + (1 - F.cosine_similarity(a[k].flatten(1), b[k].flatten(1), dim=1))
-    return total  # type: ignore[return-value]
 
 
 def _unit_grads(
@@ -151,8 +212,7 @@ def _fit_reverse_matching(
         t2 = min(last, t + s)
         real = _unit_grads(net, traj.checkpoints[t], x_real, y_real, local_unit, u)
         sg = vmap(syn_grad, in_dims=(None, 0, 0, 0))(traj.checkpoints[t2], x, logits, weight)
-        neg = {k: -v for k, v in sg.items()}
-        loss = _layer_cos_distance(neg, real).sum()
+        loss = reverse_matching_distance(sg, real).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -170,6 +230,25 @@ def _fit_reverse_matching(
         alpha = b.norm(dim=1) / a.norm(dim=1).clamp_min(1e-30)
         weight = weight * alpha[:, None]
     return Synset(syn.unit_ids, x, logits, weight)
+
+
+def _probe_samples(
+    members: list[torch.Tensor],
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    n: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shard's own members plus a seeded random draw of other training samples, n in all
+    (at least all members)."""
+    own = torch.cat(members).cpu()
+    mask = torch.ones(x_train.shape[0], dtype=torch.bool)
+    mask[own] = False
+    others = torch.nonzero(mask).flatten()
+    gen = torch.Generator().manual_seed(seed + 1_000_033)
+    extra = others[torch.randperm(others.numel(), generator=gen)[: max(0, n - own.numel())]]
+    idx = torch.cat([own, extra]).to(x_train.device)
+    return x_train[idx], y_train[idx]
 
 
 def distill_class(
@@ -198,7 +277,14 @@ def distill_class(
     if cfg.method == "displacement":
         if displacement is None:
             raise ValueError("displacement method needs the unrolled displacement")
-        return _fit_displacement(net, traj.final, syn, displacement, cfg, online, lo, hi)
+        probe = None
+        if cfg.match == "fisher":
+            probe = _probe_samples(
+                members, x_train, y_train, cfg.probe_samples, cfg.seed + class_index
+            )
+        return _fit_displacement(
+            net, traj.final, syn, displacement, cfg, online, lo, hi, probe=probe
+        )
     idx = torch.cat(members)
     local = torch.cat([torch.full((m.numel(),), i, dtype=torch.long) for i, m in enumerate(members)])
     return _fit_reverse_matching(

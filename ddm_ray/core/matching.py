@@ -10,7 +10,8 @@ from ddm_ray.core.models import Params
 
 def layer_cos_distance(a: Params, b: Params) -> torch.Tensor:
     """sum over parameter tensors k of 1 - cos(a_k, b_k); tensors (U, *shape) -> (U,)."""
-    total = torch.zeros(next(iter(a.values())).shape[0])
+    first = next(iter(a.values()))
+    total = torch.zeros(first.shape[0], device=first.device, dtype=first.dtype)
     for k in a:
         total = total + (1 - F.cosine_similarity(a[k].flatten(1), b[k].flatten(1), dim=1))
     return total
