@@ -141,21 +141,45 @@ def online_batch_for(job: OnlineJob, net: Network, final: Params, ipc: int) -> t
     return (job.online_batch or auto_b), (None if chunk >= n_test else chunk)
 
 
-def evaluate_block(job: OnlineJob, syn: Synset) -> pa.Table:
-    """Leave-one-out rows for the units of syn: one row per (unit, objective)."""
-    cfg = job.cfg
+@dataclass
+class OnlineContext:
+    """What every block of one online job shares: the network, the final weights and the test set
+    on the device, and the base objectives. Built once per process (driver or worker), not per block."""
+
+    net: Network
+    final: Params
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    base: torch.Tensor
+    batches: dict[int, tuple[int, int | None]] = field(default_factory=dict)  # ipc -> (batch, chunk)
+
+
+def online_context(job: OnlineJob) -> OnlineContext:
     dev = torch.device(job.device)
-    net = Network(cfg.model, job.input_shape, job.num_classes)
+    net = Network(job.cfg.model, job.input_shape, job.num_classes)
     net.module.to(dev)
     final = {k: v.to(dev) for k, v in job.final.items()}
     x_test, y_test = job.x_test.to(dev), job.y_test.to(dev)
+    base = base_objectives(net, final, x_test, y_test, job.cfg.online.objectives)
+    return OnlineContext(net, final, x_test, y_test, base)
+
+
+def evaluate_block(job: OnlineJob, syn: Synset, ctx: OnlineContext | None = None) -> pa.Table:
+    """Leave-one-out rows for the units of syn: one row per (unit, objective).
+
+    ctx: the job's shared state from `online_context(job)`; built here when not given."""
+    cfg = job.cfg
+    ctx = ctx or online_context(job)
+    dev = torch.device(job.device)
     syn_d = Synset.from_dict({n: t.to(dev) for n, t in syn.to_dict().items()})
     names = cfg.online.objectives
-    base = base_objectives(net, final, x_test, y_test, names)
-    batch, chunk = online_batch_for(job, net, final, syn.x.shape[1])
+    ipc = int(syn.x.shape[1])
+    if ipc not in ctx.batches:
+        ctx.batches[ipc] = online_batch_for(job, ctx.net, ctx.final, ipc)
+    batch, chunk = ctx.batches[ipc]
     deltas = evaluate_units(
-        net, final, syn_d, x_test, y_test, names, cfg.online.steps, cfg.online.lr,
-        batch=batch, base=base, precision=cfg.online.precision, test_chunk=chunk,
+        ctx.net, ctx.final, syn_d, ctx.x_test, ctx.y_test, names, cfg.online.steps, cfg.online.lr,
+        batch=batch, base=ctx.base, precision=cfg.online.precision, test_chunk=chunk,
     ).cpu()  # (n_obj, U, N)
     n_obj, n_units, n_test = deltas.shape
     unit_col = np.repeat(syn.unit_ids.numpy(), n_obj)
@@ -166,9 +190,9 @@ def evaluate_block(job: OnlineJob, syn: Synset) -> pa.Table:
     return pa.table({"unit_id": pa.array(unit_col, pa.int64()), "objective": pa.array(obj_col, pa.string()), "delta": delta_col})
 
 
-def run_block(job: OnlineJob, block: Block, syn: Synset) -> int:
+def run_block(job: OnlineJob, block: Block, syn: Synset, ctx: OnlineContext | None = None) -> int:
     """Evaluate one block and write its Parquet part; returns the number of rows written."""
-    table = evaluate_block(job, syn)
+    table = evaluate_block(job, syn, ctx)
     RunStore(job.store_url, job.storage_options).write_part(block.first, block.last, table)
     return table.num_rows
 

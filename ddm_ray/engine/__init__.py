@@ -79,11 +79,14 @@ def run_with_engine(
         if log:
             log(f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs -> device {placement.device}, "
                 f"{placement.actors} distillation actor(s), {executor.max_in_flight} online tasks in flight")
+        executor.warm_up()  # task workers import torch while the driver trains and the actors distil
         try:
             return Run(cfg, exe, out, executor, log=log, progress=bar).execute(n_shards=placement.actors)
         except ray.exceptions.RayError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EngineError(f"Ray execution failed ({type(e).__name__}: {first}); rerun with --resume to finish") from None
+        finally:
+            executor.release()
     finally:
         if started:
             ray.shutdown()

@@ -7,7 +7,7 @@ from typing import Any
 
 from ddm_ray.core.synset import Synset
 from ddm_ray.engine import faults
-from ddm_ray.pipeline import Block, DistillJob, OnlineJob, distill_shard, run_block
+from ddm_ray.pipeline import Block, DistillJob, OnlineJob, distill_shard, online_context, run_block
 
 
 class LocalExecutor:
@@ -23,9 +23,10 @@ class LocalExecutor:
 
     def evaluate(self, job: OnlineJob, blocks: list[tuple[Block, Synset]]) -> Iterator[tuple[Block, int]]:
         job.device = self.device
+        ctx = online_context(job) if blocks else None  # shared by every block, as on each Ray worker
         for block, syn in blocks:
             faults.before_block(block.first, block.last)  # test-only hook, inert in normal runs
-            yield block, run_block(job, block, syn)
+            yield block, run_block(job, block, syn, ctx)
 
     def describe(self) -> dict[str, Any]:
         return {"executor": "local", "device": self.device}

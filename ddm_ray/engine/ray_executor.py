@@ -5,22 +5,32 @@ wrapper over the plain `ShardDistiller`; the driver pulls synsets class by class
 written to the store as soon as it finishes. Online: one task per block of units, the job put into
 the object store once, at most `max_in_flight` tasks pending (`ray.wait`), retried on failure.
 Each task writes its own Parquet part and returns only a row count.
+
+Warm workers: `warm_up()` (called when the run starts) pre-starts one task worker per online slot,
+importing torch and this package while the driver trains and the actors distil; those tasks take no
+resources and hold their workers until the online stage opens the gate (Ray reaps idle workers
+beyond one per CPU while the actors run). Each worker builds the job's shared state (network,
+weights, test data, base objectives) once and reuses it for every block it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
 import ray
+import torch
 
 from ddm_ray.core.synset import Synset
 from ddm_ray.engine import faults
 from ddm_ray.engine.placement import Placement
-from ddm_ray.pipeline import Block, DistillJob, OnlineJob, distill_shard, run_block
+from ddm_ray.pipeline import Block, DistillJob, OnlineContext, OnlineJob, distill_shard, online_context, run_block
 
 TASK_MAX_RETRIES = 3
+WARM_HOLD_S = 3600.0  # a warm task gives its worker back after this long even if no online stage opens the gate
 
 
 class ShardDistiller:
@@ -47,10 +57,61 @@ class DistillActor(ShardDistiller):
         return list(ray.get_gpu_ids())
 
 
-def online_block_task(job: OnlineJob, block: Block, syn: Synset) -> int:
-    """One online block as a Ray task; job.device was set explicitly by the driver."""
+# one online job per worker process: (object ref hex, job, its shared state)
+_WORKER_JOB: tuple[str, OnlineJob, OnlineContext] | None = None
+
+
+def _job_context(job_ref: ray.ObjectRef) -> tuple[OnlineJob, OnlineContext]:
+    global _WORKER_JOB
+    key = job_ref.hex()
+    if _WORKER_JOB is None or _WORKER_JOB[0] != key:
+        _WORKER_JOB = None  # drop the previous job before fetching the next
+        job = ray.get(job_ref)
+        _WORKER_JOB = (key, job, online_context(job))
+    return _WORKER_JOB[1], _WORKER_JOB[2]
+
+
+def online_block_task(job_box: list[ray.ObjectRef], block: Block, syn: Synset, threads: int = 1) -> int:
+    """One online block as a Ray task; job.device was set explicitly by the driver.
+
+    job_box: [ref of the OnlineJob], boxed so Ray passes the ref instead of the value and each
+    worker deserialises the job (and builds its shared state) once, not once per block."""
     faults.before_block(block.first, block.last)  # test-only hook, inert in normal runs
-    return run_block(job, block, syn)
+    torch.set_num_threads(threads)
+    job, ctx = _job_context(job_box[0])
+    return run_block(job, block, syn, ctx)
+
+
+class _Gate:
+    """Holds the warm tasks until the online stage begins."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._open.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    async def open(self) -> None:
+        self._open.set()
+
+
+def warm_process(threads: int) -> None:
+    """What the first block of a fresh process would pay for: importing this module already imported
+    torch and the pipeline; a first vmapped gradient imports torch.func's lazy modules (torch._dynamo,
+    ~2 s on a busy core)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(2, 3)
+    torch.func.vmap(torch.func.grad(lambda v: (v * v).sum()))(x)
+
+
+def _warm_task(gate: Any, threads: int, hold_s: float) -> int:
+    """Runs on a fresh task worker, then holds it until the online stage begins."""
+    warm_process(threads)
+    ray.get(gate.wait.remote(hold_s))
+    return os.getpid()
 
 
 class RayExecutor:
@@ -62,6 +123,46 @@ class RayExecutor:
         self.max_in_flight = max_in_flight or 2 * self.task_slots
         self.actor_gpu_ids: dict[int, list[Any]] = {}  # class -> GPU ids of the actor that distilled it
         self.retried_blocks = 0
+        self._gate: Any = None
+        self._warm: list[Any] = []
+
+    def _threads(self) -> int:
+        return max(1, int(self.placement.task_cpus))
+
+    def warm_up(self, hold_s: float = WARM_HOLD_S) -> None:
+        """Best effort: start one warm task worker per online slot on the nodes that can run online
+        tasks (CPU or GPU nodes alive now), holding it until `evaluate` opens the gate."""
+        if self._gate is not None:
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        p = self.placement
+        key, per = ("GPU", p.task_gpus) if p.task_gpus else ("CPU", p.task_cpus)
+        self._gate = ray.remote(num_cpus=0)(_Gate).remote()
+        warm = ray.remote(num_cpus=0, max_retries=0)(_warm_task)
+        left = self.task_slots
+        for node in ray.nodes():
+            n = min(left, int(node.get("Resources", {}).get(key, 0) // per)) if node.get("Alive") else 0
+            for _ in range(n):
+                strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)
+                self._warm.append(warm.options(scheduling_strategy=strategy).remote(self._gate, self._threads(), hold_s))
+            left -= n
+
+    def release(self) -> None:
+        """Open the gate: warm tasks return and their (warm) workers go idle for the online tasks."""
+        if self._gate is None:
+            return
+        try:
+            ray.get(self._gate.open.remote(), timeout=10)
+            ray.wait(self._warm, num_returns=len(self._warm), timeout=10)
+        except ray.exceptions.RayError:
+            pass
+        finally:
+            try:
+                ray.kill(self._gate)
+            except Exception:  # noqa: BLE001  best effort: the runtime may already be gone
+                pass
+            self._gate, self._warm = None, []
 
     def distill(self, job: DistillJob, shards: list[list[int]]) -> Iterator[tuple[int, Synset]]:
         p = self.placement
@@ -94,12 +195,14 @@ class RayExecutor:
         )(online_block_task)
         job.device = p.device
         job_ref = ray.put(job)  # weights and test data enter the object store once
+        self.release()  # warm workers go idle now, just before the first online task
         todo = deque(blocks)
         in_flight: dict[Any, Block] = {}
+        threads = self._threads()
         while todo or in_flight:
             while todo and len(in_flight) < self.max_in_flight:
                 b, syn = todo.popleft()
-                in_flight[task.remote(job_ref, b, syn)] = b
+                in_flight[task.remote([job_ref], b, syn, threads)] = b
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
                 yield in_flight.pop(ref), ray.get(ref)
