@@ -158,7 +158,9 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
     if a.units is not None and a.units < 1:
         raise ConfigError("--units must be >= 1")
-    report = validate_run(a.out, a.units, a.seed, dict(a.storage_option), log=_logger(a.quiet))
+    report = validate_run(
+        a.out, a.units, a.seed, dict(a.storage_option), log=_logger(a.quiet), engine=a.engine, num_cpus=a.num_cpus
+    )
     print_validation(report)
     return 0
 
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="./ddm-out")
     v.add_argument("--units", type=int, help="retrain for N units (deterministic sample; default all)")
     v.add_argument("--seed", type=int, default=0, help="seed of the unit sample")
+    v.add_argument("--engine", default="ray", choices=("ray", "local"), help="retrain on Ray tasks or in-process")
+    v.add_argument("--num-cpus", type=int, help="CPUs for a local Ray runtime")
     v.add_argument("--storage-option", type=_kv, action="append", default=[], metavar="KEY=VALUE")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=cmd_validate)

@@ -66,7 +66,7 @@ def test_same_config_gives_identical_files_and_refuses_other_configs(tmp_path, t
 
 def test_validate_and_inspect(tmp_path, tiny_parquet, capsys):
     _, out = _run(tmp_path, tiny_parquet)
-    assert main(["validate", "--out", out, "--units", "3", "--quiet"]) == 0
+    assert main(["validate", "--out", out, "--units", "3", "--quiet", "--engine", "local"]) == 0
     with open(f"{out}/validation.json") as f:
         v = json.load(f)
     assert v["units_validated"] == 3

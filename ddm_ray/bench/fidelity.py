@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ddm_ray.bench.parallel import FanOut
+from ddm_ray.engine.fanout import FanOut
 from ddm_ray.config import RunConfig
 from ddm_ray.core import peers
 from ddm_ray.core.datamodel import additive_prediction, fit_datamodel, lds, predict, random_masks
