@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from ddm_ray.engine.fanout import FanOut
 from ddm_ray.config import RunConfig
 from ddm_ray.core import peers
 from ddm_ray.core.datamodel import additive_prediction, fit_datamodel, lds, predict, random_masks
@@ -38,6 +37,7 @@ from ddm_ray.core.online import evaluate_units
 from ddm_ray.core.synset import Synset, fast_learn
 from ddm_ray.core.training import train
 from ddm_ray.data import Dataset, load_dataset
+from ddm_ray.engine.fanout import FanOut
 from ddm_ray.errors import ConfigError
 from ddm_ray.pipeline import DistillJob, Offline, distill_shard, shard_classes, train_offline
 
