@@ -27,7 +27,15 @@ import torch
 from ddm_ray.core.synset import Synset
 from ddm_ray.engine import faults
 from ddm_ray.engine.placement import Placement
-from ddm_ray.pipeline import Block, DistillJob, OnlineContext, OnlineJob, distill_shard, online_context, run_block
+from ddm_ray.pipeline import (
+    Block,
+    DistillJob,
+    OnlineContext,
+    OnlineJob,
+    distill_shard,
+    online_context,
+    run_block,
+)
 
 TASK_MAX_RETRIES = 3
 WARM_HOLD_S = 3600.0  # a warm task gives its worker back after this long even if no online stage opens the gate
