@@ -135,6 +135,10 @@ class DistillConfig:
         default=512, metadata={"help": "fisher match: probe samples per class shard"}
     )
     probe_rank: int = field(default=300, metadata={"help": "fisher match: metric rank kept"})
+    layer_scales: bool = field(
+        default=True,
+        metadata={"help": "fit a per-layer step scale per unit after matching (one online step)"},
+    )
     probe_norm: float = field(
         default=0.5, metadata={"help": "fisher match: per-probe normalisation exponent"}
     )

@@ -253,7 +253,11 @@ def _ddm_masks(m: _Model, masks: torch.Tensor, obj: int) -> torch.Tensor:
         for mask in masks:
             s = m.syn.select(mask)
             x = s.x.reshape(-1, *s.x.shape[2:])
-            p = fast_learn(net, final, x, s.logits.reshape(-1, s.logits.shape[-1]), s.weight.reshape(-1), o.steps, o.lr)
+            scale = None if s.scale is None else s.scale.reshape(-1, s.scale.shape[-1])
+            p = fast_learn(
+                net, final, x, s.logits.reshape(-1, s.logits.shape[-1]), s.weight.reshape(-1), o.steps, o.lr,
+                scale=scale,
+            )
             out.append(all_objectives(net.logits(p, m.ds.x_test), m.ds.y_test, o.objectives)[obj])
     return torch.stack(out)
 

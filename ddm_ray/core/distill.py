@@ -22,6 +22,8 @@ Two families, chosen by `DistillConfig.method`:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
@@ -86,11 +88,11 @@ def _probe_metric(
     if norm_power > 0 and target.shape[0] > 1:
         sd = (target @ g.T).std(0).clamp_min(1e-12)
         g = g / sd[:, None] ** norm_power
-    gram = g @ g.T
+    gram = (g.double() @ g.double().T)  # float64: a reproducible eigendecomposition
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     k = min(rank, g.shape[0])
     keep = evecs[:, -k:] * (evals[-k:].clamp_min(0) > 1e-12 * evals[-1].clamp_min(1e-30))
-    return g.T @ keep  # (P, k): v @ Q = U_k^T G v = S_k V_k^T v
+    return (g.double().T @ keep).to(g.dtype)  # (P, k): v @ Q = U_k^T G v = S_k V_k^T v
 
 
 def _fit_displacement(
@@ -164,9 +166,59 @@ def _fit_displacement(
         with torch.no_grad():
             x.clamp_(lo, hi)
     x, logits, weight = x.detach(), logits.detach(), weight.detach()
+    if online.steps == 1 and cfg.layer_scales:
+        scale = _layer_scales(net, final, x, logits, weight, online.lr, project, tgt)
+        return Synset(syn.unit_ids, x, logits, weight, scale)
     if online.steps == 1:
         weight = rescale(weight, by_norm=False)
     return Synset(syn.unit_ids, x, logits, weight)
+
+
+def _layer_scales(
+    net: Network,
+    final: Params,
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    lr: float,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    tgt: torch.Tensor,
+) -> torch.Tensor:
+    """Per unit, the least-squares step scale of each parameter tensor: (U, IPC, L).
+
+    One online step moves tensor k by -lr * g_k(S_u); with a scale a_{u,k} per tensor the move is
+    sum_k a_{u,k} delta_{u,k}, linear in a. Solve min_a |project(sum_k a_k delta_k) - tgt_u|^2 for
+    each unit (L unknowns) and give every sample of the unit the same scales, so synsets of
+    several units still compose by concatenation.
+    """
+    keys = list(final)
+    sizes = [final[k].numel() for k in keys]
+
+    def delta(xu: torch.Tensor, zu: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
+        g = grad(lambda p: synset_loss(net, p, xu, zu, wu))(final)
+        return torch.cat([(-lr * g[k]).reshape(-1) for k in keys])
+
+    with torch.no_grad():
+        d = vmap(delta)(x, logits, weight)  # (U, P)
+        blocks = torch.split(d, sizes, dim=1)
+        u = d.shape[0]
+        cols = []
+        for i, b in enumerate(blocks):  # layer i's move alone, zero elsewhere
+            full = torch.zeros_like(d)
+            start = sum(sizes[:i])
+            full[:, start : start + b.shape[1]] = b
+            cols.append(project(full))
+        a = torch.stack(cols, dim=2)  # (U, k, L)
+        # normal equations in float64 (then rounded to float32): reproducible to the bit, unlike
+        # an LAPACK least-squares driver whose float32 result depends on memory alignment
+        a64, t64 = a.double(), tgt.double()
+        ata = a64.transpose(1, 2) @ a64  # (U, L, L)
+        ridge = 1e-9 * ata.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)
+        ata = ata + ridge[:, None, None] * torch.eye(len(keys), dtype=torch.float64, device=a.device)
+        atb = (a64.transpose(1, 2) @ t64[:, :, None])[:, :, 0]
+        sol = torch.linalg.solve(ata, atb).to(x.dtype)  # (U, L)
+        sol = torch.nan_to_num(sol, nan=0.0, posinf=0.0, neginf=0.0)
+    return sol[:, None, :].expand(u, x.shape[1], len(keys)).clone()
 
 
 def _unit_grads(

@@ -130,7 +130,10 @@ def evaluate_units(
 
     n_test = x_test.shape[0]
     chunk = test_chunk or n_test
-    tune = vmap(lambda x, z, w: fast_learn(net, final, x, z, w, steps, lr))
+    if syn.scale is None:
+        tune = vmap(lambda x, z, w: fast_learn(net, final, x, z, w, steps, lr))
+    else:
+        tune = vmap(lambda x, z, w, s: fast_learn(net, final, x, z, w, steps, lr, scale=s))
     forward = vmap(net.logits, in_dims=(0, None))
     out = []
     with torch.no_grad():
@@ -138,7 +141,8 @@ def evaluate_units(
             part = syn.select(slice(i, i + batch))
             cols = []
             with precision_context(precision, x_test.device):
-                tuned = tune(part.x, part.logits, part.weight)  # Params, each (b, *shape)
+                args = (part.x, part.logits, part.weight) + (() if part.scale is None else (part.scale,))
+                tuned = tune(*args)  # Params, each (b, *shape)
                 for j in range(0, n_test, chunk):
                     logits = forward(tuned, x_test[j : j + chunk])  # (b, n, C)
                     cols.append(all_objectives(logits.float(), y_test[j : j + chunk], names))
@@ -160,7 +164,8 @@ def evaluate_units_loop(
     base = base_objectives(net, final, x_test, y_test, names)
     rows = []
     for u in range(len(syn)):
-        p = fast_learn(net, final, syn.x[u], syn.logits[u], syn.weight[u], steps, lr)
+        scale = None if syn.scale is None else syn.scale[u]
+        p = fast_learn(net, final, syn.x[u], syn.logits[u], syn.weight[u], steps, lr, scale=scale)
         with torch.no_grad():
             rows.append(all_objectives(net.logits(p, x_test), y_test, names) - base)
     return torch.stack(rows, dim=1).float()

@@ -69,3 +69,24 @@ def test_batch_choice_grows_with_memory_and_stays_bounded():
     assert 1 <= small[0] <= big[0] <= 1024
     assert 1 <= small[1] <= 1000 and big[1] <= 1000
     assert choose_online_batch(net, final, 1000, 4, 1, 1) == (1, 1)
+
+
+def test_unit_step_scales():
+    """Scales of one reproduce the plain step; a scale of 2 on every tensor doubles the move."""
+    from ddm_ray.core.models import flatten
+    from ddm_ray.core.synset import fast_learn
+
+    net, final, syn, xt, yt = _setup_mlp(u=3)
+    n_tensors = len(final)
+    ones = Synset(syn.unit_ids, syn.x, syn.logits, syn.weight, torch.ones(3, 2, n_tensors))
+    names = ("loss", "margin")
+    plain = evaluate_units(net, final, syn, xt, yt, names, 2, 0.3, batch=2)
+    torch.testing.assert_close(evaluate_units(net, final, ones, xt, yt, names, 2, 0.3, batch=2), plain)
+    torch.testing.assert_close(evaluate_units_loop(net, final, ones, xt, yt, names, 2, 0.3), plain)
+    p1 = flatten(fast_learn(net, final, syn.x[0], syn.logits[0], syn.weight[0], 1, 0.3)) - flatten(final)
+    p2 = flatten(fast_learn(net, final, syn.x[0], syn.logits[0], syn.weight[0], 1, 0.3,
+                            scale=torch.full((2, n_tensors), 2.0))) - flatten(final)
+    torch.testing.assert_close(p2, 2 * p1, rtol=1e-4, atol=1e-6)
+    both = Synset.concat([ones.select(slice(0, 1)), ones.select(slice(1, 3))])
+    assert both.scale is not None and both.scale.shape == (3, 2, n_tensors)
+    assert Synset.from_dict(both.to_dict()).scale is not None
