@@ -34,7 +34,8 @@ NAMES = ("loss", "margin", "correct")
 PEAK_TFLOPS = {"H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}, "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}}
 
 
-def _setup(arch: str, shape: tuple[int, ...], units: int, n_test: int, ipc: int, dev: torch.device):
+def _setup(arch: str, shape: tuple[int, ...], units: int, n_test: int, ipc: int, dev: torch.device,
+           scales: bool = True):
     torch.manual_seed(0)
     net = Network(ModelConfig(arch=arch), shape, 10)
     net.module.to(dev)
@@ -42,6 +43,8 @@ def _setup(arch: str, shape: tuple[int, ...], units: int, n_test: int, ipc: int,
     syn = Synset(
         torch.arange(units), torch.rand(units, ipc, *shape, device=dev),
         torch.randn(units, ipc, 10, device=dev), torch.rand(units, ipc, device=dev) * 0.1,
+        # the default distillation ships per-layer step scales; --no-scales measures plain synsets
+        torch.ones(units, ipc, len(final), device=dev) if scales else None,
     )
     return net, final, syn, torch.rand(n_test, *shape, device=dev), torch.randint(0, 10, (n_test,), device=dev)
 
@@ -59,9 +62,9 @@ def _flops_per_unit(net: Network, final, syn: Synset, x_test: torch.Tensor) -> f
 
 
 def measure(arch: str, shape: tuple[int, ...], batch: int, units: int, n_test: int, ipc: int,
-            device: str, precision: str, repeats: int) -> dict:
+            device: str, precision: str, repeats: int, scales: bool = True) -> dict:
     dev = torch.device(device)
-    net, final, syn, xt, yt = _setup(arch, shape, units, n_test, ipc, dev)
+    net, final, syn, xt, yt = _setup(arch, shape, units, n_test, ipc, dev, scales)
     evaluate_units(net, final, syn.select(slice(0, min(units, batch))), xt, yt, NAMES, 1, 0.1, batch=batch,
                    precision=precision)  # warm-up
     if dev.type == "cuda":
@@ -77,7 +80,7 @@ def measure(arch: str, shape: tuple[int, ...], batch: int, units: int, n_test: i
         best = min(best, time.perf_counter() - t0)
     res = {
         "arch": arch, "shape": list(shape), "batch": batch, "units": units, "n_test": n_test, "ipc": ipc,
-        "device": device, "precision": precision, "seconds": best,
+        "device": device, "precision": precision, "layer_scales": scales, "seconds": best,
         "rows_per_s": units * len(NAMES) / best, "units_per_s": units / best,
     }
     if dev.type == "cuda":
@@ -110,6 +113,7 @@ def main() -> None:
     p.add_argument("--ipc", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-scales", action="store_true", help="synsets without per-layer step scales")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -117,7 +121,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     if a.single:  # one configuration in this (fresh) process, for a clean peak RSS
         arch, shape, batch, precision = json.loads(a.single)
-        print(json.dumps(measure(arch, tuple(shape), batch, a.units, a.n_test, a.ipc, a.device, precision, a.repeats)))
+        print(json.dumps(measure(arch, tuple(shape), batch, a.units, a.n_test, a.ipc, a.device, precision, a.repeats,
+                                 not a.no_scales)))
         return
     results = []
     for arch in a.archs.split(","):
@@ -131,9 +136,12 @@ def main() -> None:
                            "--repeats", str(a.repeats), "--device", a.device]
                     if a.threads:
                         cmd += ["--threads", str(a.threads)]
+                    if a.no_scales:
+                        cmd += ["--no-scales"]
                     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
                 else:
-                    r = measure(arch, shape, b, a.units, a.n_test, a.ipc, a.device, precision, a.repeats)
+                    r = measure(arch, shape, b, a.units, a.n_test, a.ipc, a.device, precision, a.repeats,
+                                not a.no_scales)
                 base = base or r["rows_per_s"]
                 r["speedup_vs_first_batch"] = r["rows_per_s"] / base
                 results.append(r)
@@ -146,7 +154,7 @@ def main() -> None:
                 print(f"{arch:8s} {precision:5s} B={b:5d}  {r['rows_per_s']:10.1f} rows/s  x{r['speedup_vs_first_batch']:5.2f}  "
                       f"peak {mem:8.1f} MB{extra}", flush=True)
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"online_batch-{a.device}.json")
+    path = os.path.join(a.out, f"online_batch-{a.device}{'-noscales' if a.no_scales else ''}.json")
     with open(path, "w") as f:
         json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, f, indent=2)
     print(f"wrote {path}")

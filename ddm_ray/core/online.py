@@ -84,10 +84,15 @@ def choose_online_batch(
     B models over `test_chunk` samples (B * test_chunk * A * 2, A = activations per sample).
     """
     p = sum(v.numel() for v in params.values())
-    sample = torch.zeros(1, *net.input_shape, device=next(iter(params.values())).device)
+    device = next(iter(params.values())).device
+    sample = torch.zeros(1, *net.input_shape, device=device)
     a = activation_numel(net, params, sample)
     per_unit = 4 * (p * (2 * steps + 2) + ipc * a * 4 * steps)
     b = int(max(1, min(cap, (budget_bytes // 2) // max(1, per_unit))))
+    if device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in net.module.modules()):
+        # vmapped convolutions run as grouped convolutions, which CPU kernels do slowly:
+        # bench/online_batch.py measured B=64 at 0.53x the rows/s of B=1 for the ConvNet
+        b = 1
     chunk = int(max(1, min(n_test, (budget_bytes // 2) // max(1, 8 * a * b))))
     return b, chunk
 

@@ -90,3 +90,9 @@ def test_unit_step_scales():
     both = Synset.concat([ones.select(slice(0, 1)), ones.select(slice(1, 3))])
     assert both.scale is not None and both.scale.shape == (3, 2, n_tensors)
     assert Synset.from_dict(both.to_dict()).scale is not None
+
+
+def test_convnet_on_cpu_runs_one_unit_per_pass():
+    net = Network(ModelConfig(arch="convnet", conv_channels=(3, 4), fc_width=8), (1, 6, 6), 3)
+    b, chunk = choose_online_batch(net, net.init_params(0), 50, 2, 1, 1 << 30)
+    assert b == 1 and chunk == 50
