@@ -9,6 +9,7 @@ An executor (`ddm_ray.engine`) decides where `distill_shard` and `run_block` run
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -265,6 +266,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def data_fingerprint(ds: Dataset) -> str:
+    """sha256 (16 hex) of the loaded inputs, labels and ids of both splits."""
+    h = hashlib.sha256()
+    for t in (ds.x_train, ds.y_train, ds.train_ids, ds.x_test, ds.y_test, ds.test_ids):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    h.update(repr(ds.classes).encode())
+    return h.hexdigest()[:16]
+
+
 def shard_classes(class_sizes: list[int], n_shards: int) -> list[list[int]]:
     """Balance classes over shards by sample count (largest first onto the lightest shard)."""
     n_shards = max(1, min(n_shards, len(class_sizes)))
@@ -308,6 +319,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self.manifest: dict[str, Any] = {}
         self.online_batch: int | None = exe.online_batch
+        self.fingerprint: str | None = None
 
     def _stage(self, name: str, t0: float) -> None:
         self.timings[name] = round(time.perf_counter() - t0, 3)
@@ -319,6 +331,7 @@ class Run:
             "status": status,
             "config": self.cfg.to_dict(),
             "config_hash": self.cfg.hash(),
+            "data_fingerprint": self.fingerprint,
             "versions": versions(),
             "timings_seconds": self.timings,
             "counts": counts,
@@ -403,6 +416,12 @@ class Run:
         previous = _check_out(self.store, self.cfg, self.exe.resume)
         resume = self.exe.resume and previous is not None
         dataset = self._load()
+        self.fingerprint = data_fingerprint(dataset)
+        if resume and previous is not None and previous.get("data_fingerprint") not in (None, self.fingerprint):
+            raise RunStateError(
+                f"{self.store.url}: the data changed since this run started (fingerprint "
+                f"{previous.get('data_fingerprint')} vs {self.fingerprint}); rerun without --resume"
+            )
         if not resume:
             self.store.remove(RunStore.ATTRIBUTION)
             self.store.remove("artifacts")

@@ -125,3 +125,15 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert p.stderr.strip().splitlines() == ["ddm-ray: error: /nope.parquet: no such file"]
     p = subprocess.run([sys.executable, "-m", "ddm_ray.cli", "run", "--epochs", "x"], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_resume_refuses_changed_data(tmp_path, tiny_parquet, capsys):
+    rc, out = _run(tmp_path, tiny_parquet)
+    assert rc == 0 and len(_manifest(out)["data_fingerprint"]) == 16
+    tr, te = tiny_parquet
+    x, y = blobs(120, seed=5)
+    write_parquet(tr, x, y, None)  # same path, other content
+    capsys.readouterr()
+    rc, _ = _run(tmp_path, tiny_parquet, extra=("--resume",))
+    assert rc != 0
+    assert "data changed" in capsys.readouterr().err
