@@ -62,6 +62,10 @@ def run_with_engine(
             if address or os.environ.get("RAY_ADDRESS"):
                 ray.init(address=address or "auto", log_to_driver=True, logging_level="ERROR")
             else:
+                # the runtime we start exists only for this run: its workers are the run, so they
+                # get the driver's priority instead of Ray's default nice 15 (measured: 1,226 vs
+                # 4,098 online rows/s at 500 units on a shared 2-core machine)
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(
                     num_cpus=exe.num_cpus or os.cpu_count() or 1,
                     include_dashboard=False,
