@@ -40,10 +40,6 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return _shape(text)
-
-
 def _kv(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
@@ -64,7 +60,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-test", type=int, help="use only the first N test samples")
     g = p.add_argument_group("model and training")
     g.add_argument("--model", default=m.arch, help="mlp | convnet")
-    g.add_argument("--hidden", type=_ints, default=m.hidden, help="MLP hidden widths, e.g. 64,64")
+    g.add_argument("--hidden", type=_shape, default=m.hidden, help="MLP hidden widths, e.g. 64,64")
     g.add_argument("--epochs", type=int, default=t.epochs)
     g.add_argument("--batch-size", type=int, default=t.batch_size)
     g.add_argument("--lr", type=float, default=t.lr)

@@ -371,6 +371,9 @@ class Run:
         t0 = time.perf_counter()
         off = train_offline(self.cfg, dataset)
         self._stage("train_and_units", t0)
+        # the tables first: a resume that finds the model takes the tables as written too
+        self.store.write_table(RunStore.UNITS, units_table(off))
+        self.store.write_table(RunStore.TEST_INDEX, test_index_table(dataset))
         self.store.write_torch(
             RunStore.MODEL,
             {
@@ -382,8 +385,6 @@ class Run:
                 "classes": torch.tensor(dataset.classes),
             },
         )
-        self.store.write_table(RunStore.UNITS, units_table(off))
-        self.store.write_table(RunStore.TEST_INDEX, test_index_table(dataset))
         return off
 
     def _synsets(self, off: Offline, resume: bool, n_shards: int) -> Synset:

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except DDMError as e:
         print(f"audit: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("audit: interrupted", file=sys.stderr, flush=True)
+        return 130
     c = manifest["counts"]
     print(f"audit complete: {c['rows']} rows ({c['units']} units x {c['objectives']} objectives) -> {a.out} "
           f"(config {manifest['config_hash']})", flush=True)

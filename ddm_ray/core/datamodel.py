@@ -35,7 +35,7 @@ def fit_datamodel(masks: torch.Tensor, outputs: torch.Tensor, ridge: float = 1e-
     a_mean, y_mean = a.mean(0), y.mean(0)
     ac, yc = a - a_mean, y - y_mean
     u = a.shape[1]
-    gram = ac.T @ ac + ridge * a.shape[0] * torch.eye(u, dtype=torch.float64)
+    gram = ac.T @ ac + ridge * a.shape[0] * torch.eye(u, dtype=torch.float64, device=a.device)
     w = torch.linalg.solve(gram, ac.T @ yc)
     b = y_mean - a_mean @ w
     return w, b

@@ -35,7 +35,9 @@ class _Unroller:
     ) -> None:
         self.net, self.x, self.y, self.unit_of, self.cfg, self.chunk = net, x, y, unit_of, cfg, chunk
         self.num_units = num_units
-        self.d: Params = {k: torch.zeros((num_units, *v.shape)) for k, v in params0.items()}
+        self.d: Params = {
+            k: torch.zeros((num_units, *v.shape), device=v.device, dtype=v.dtype) for k, v in params0.items()
+        }
         self.v: Params | None = (
             {k: torch.zeros_like(t) for k, t in self.d.items()} if cfg.momentum > 0 else None
         )

@@ -52,13 +52,14 @@ def init_synset(
         pick = order[torch.arange(ipc) % order.numel()]
         xs.append(x[pick])
     u = len(unit_ids)
-    logits = torch.zeros(u, ipc, num_classes)
+    dev = x.device
+    logits = torch.zeros(u, ipc, num_classes, device=dev)
     logits[:, :, class_index] = 4.0
     return Synset(
         unit_ids=torch.tensor(unit_ids, dtype=torch.long),
         x=torch.stack(xs).clone(),
         logits=logits,
-        weight=torch.full((u, ipc), 1.0 / ipc),
+        weight=torch.full((u, ipc), 1.0 / ipc, device=dev),
     )
 
 
@@ -230,7 +231,10 @@ def _unit_grads(
         return F.cross_entropy(net.logits(p, xi[None]), yi[None], reduction="sum")
 
     per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-    return {k: torch.zeros((u, *v.shape[1:])).index_add_(0, unit_of, v) for k, v in per.items()}
+    return {
+        k: torch.zeros((u, *v.shape[1:]), device=v.device, dtype=v.dtype).index_add_(0, unit_of, v)
+        for k, v in per.items()
+    }
 
 
 def _fit_reverse_matching(
@@ -260,7 +264,7 @@ def _fit_reverse_matching(
 
     for _ in range(cfg.steps):
         t = int(torch.randint(0, max(1, last), (1,), generator=gen))
-        s = int(torch.randint(1, cfg.max_gap, (1,), generator=gen)) if cfg.max_gap > 1 else 1
+        s = int(torch.randint(1, cfg.max_gap + 1, (1,), generator=gen)) if cfg.max_gap > 1 else 1
         t2 = min(last, t + s)
         real = _unit_grads(net, traj.checkpoints[t], x_real, y_real, local_unit, u)
         sg = vmap(syn_grad, in_dims=(None, 0, 0, 0))(traj.checkpoints[t2], x, logits, weight)
@@ -338,7 +342,9 @@ def distill_class(
             net, traj.final, syn, displacement, cfg, online, lo, hi, probe=probe
         )
     idx = torch.cat(members)
-    local = torch.cat([torch.full((m.numel(),), i, dtype=torch.long) for i, m in enumerate(members)])
+    local = torch.cat(
+        [torch.full((m.numel(),), i, dtype=torch.long, device=x_train.device) for i, m in enumerate(members)]
+    )
     return _fit_reverse_matching(
         net,
         traj,

@@ -8,7 +8,7 @@ from scipy.stats import rankdata
 
 def _rank(v: torch.Tensor) -> torch.Tensor:
     """Average ranks (ties share the mean rank) along the last dim, float64."""
-    return torch.from_numpy(rankdata(v.double().numpy(), axis=-1)).double()
+    return torch.from_numpy(rankdata(v.detach().double().cpu().numpy(), axis=-1)).to(v.device)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -62,7 +62,7 @@ def train(
     `hook` is called at every step of epochs >= start_epoch_hook with the pre-update parameters.
     """
     n = x.shape[0]
-    keep = torch.ones(n, dtype=torch.bool) if keep is None else keep
+    keep = torch.ones(n, dtype=torch.bool) if keep is None else keep.cpu()
     params = {k: v.clone() for k, v in params0.items()}
     velocity: Params | None = (
         {k: torch.zeros_like(v) for k, v in params.items()} if cfg.momentum > 0 else None

@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,7 +161,7 @@ def _open_maybe_gz(root: str, name: str) -> bytes:
                 with open(path, "rb") as f:
                     raw = f.read()
                 return gzip.decompress(raw) if candidate.endswith(".gz") else raw
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error) as e:
                 raise InputError(f"{path}: cannot read ({e})") from None
     raise InputError(f"{os.path.join(root, name)}: no such file (also tried .gz)")
 

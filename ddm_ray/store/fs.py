@@ -12,7 +12,7 @@ from typing import Any
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from ddm_ray.errors import ConfigError, StorageError
+from ddm_ray.errors import ConfigError
 
 
 def s3_options(storage_options: dict[str, str]) -> dict[str, Any]:
@@ -66,10 +66,6 @@ def open_url(url: str, storage_options: dict[str, str] | None = None) -> tuple[A
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
-
-
-def wrap_storage_error(url: str, e: Exception) -> StorageError:
-    return StorageError(f"{url}: storage error ({type(e).__name__}: {e})")
 
 
 _ENV_OPTIONS = (

@@ -105,3 +105,9 @@ def test_cifar10_batches(tmp_path):
 def test_missing_mnist_folder():
     with pytest.raises(InputError, match="no such file"):
         load_dataset(DataConfig(dataset="mnist", root="/nonexistent/mnist"))
+
+
+def test_corrupt_gzip_is_a_one_line_input_error(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(InputError, match="cannot read"):
+        load_dataset(DataConfig(dataset="mnist", root=str(tmp_path)))
