@@ -122,7 +122,7 @@ class DistillConfig:
     ipc: int = field(default=4, metadata={"help": "synthetic samples per unit"})
     steps: int = 300
     lr: float = 0.05
-    max_gap: int = 20
+    max_gap: int = field(default=20, metadata={"help": "trajectory matching: s drawn from [1, max_gap)"})
     unroll_epochs: int | None = field(
         default=None, metadata={"help": "unroll only the last N epochs (None: all)"}
     )

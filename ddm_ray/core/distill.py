@@ -264,7 +264,7 @@ def _fit_reverse_matching(
 
     for _ in range(cfg.steps):
         t = int(torch.randint(0, max(1, last), (1,), generator=gen))
-        s = int(torch.randint(1, cfg.max_gap + 1, (1,), generator=gen)) if cfg.max_gap > 1 else 1
+        s = int(torch.randint(1, cfg.max_gap, (1,), generator=gen)) if cfg.max_gap > 1 else 1
         t2 = min(last, t + s)
         real = _unit_grads(net, traj.checkpoints[t], x_real, y_real, local_unit, u)
         sg = vmap(syn_grad, in_dims=(None, 0, 0, 0))(traj.checkpoints[t2], x, logits, weight)
