@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.func import grad
 
 from ddm_ray.config import RunConfig
-from ddm_ray.core.metrics import nanmean, pearson, spearman
+from ddm_ray.core.metrics import agreement
 from ddm_ray.core.models import Network, Params
 from ddm_ray.core.objectives import all_objectives
 from ddm_ray.core.training import train
@@ -65,12 +65,7 @@ def gradient_ascent(net: Network, final: Params, x: torch.Tensor, y: torch.Tenso
 
 
 def _scores(pred: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
-    return {
-        "pearson": float(pearson(pred, exact)),
-        "spearman": float(spearman(pred, exact)),
-        "pearson_per_test_mean": nanmean(pearson(pred, exact, dim=0)),
-        "spearman_per_test_mean": nanmean(spearman(pred, exact, dim=0)),
-    }
+    return agreement(pred, exact, "per_test_mean")
 
 
 @dataclass

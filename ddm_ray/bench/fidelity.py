@@ -30,7 +30,7 @@ import torch
 from ddm_ray.config import RunConfig
 from ddm_ray.core import peers
 from ddm_ray.core.datamodel import additive_prediction, fit_datamodel, lds, predict, random_masks
-from ddm_ray.core.metrics import auc, nanmean, pearson, precision_at_k, spearman
+from ddm_ray.core.metrics import agreement, auc, precision_at_k
 from ddm_ray.core.models import Network, Params, flatten
 from ddm_ray.core.objectives import all_objectives
 from ddm_ray.core.online import evaluate_units
@@ -227,12 +227,7 @@ def _run_peers(
 
 
 def _scores(pred: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
-    return {
-        "pearson": float(pearson(pred, exact)),
-        "spearman": float(spearman(pred, exact)),
-        "pearson_per_test": nanmean(pearson(pred, exact, dim=0)),
-        "spearman_per_test": nanmean(spearman(pred, exact, dim=0)),
-    }
+    return agreement(pred, exact, "per_test")
 
 
 def _unit_sample(n_units: int, want: int | None, seed: int) -> list[int]:

@@ -58,3 +58,14 @@ def precision_at_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     k = min(k, scores.numel())
     order = torch.sort(scores.double().flatten(), descending=True, stable=True).indices[:k]
     return float(labels.flatten().bool()[order].double().mean())
+
+
+def agreement(pred: torch.Tensor, exact: torch.Tensor, per_test_key: str = "per_test") -> dict[str, float]:
+    """Pearson and Spearman of pred vs exact (units, test samples): over all pairs, and the mean
+    over test samples of the correlation across units (keys `pearson_<per_test_key>`, ...)."""
+    return {
+        "pearson": float(pearson(pred, exact)),
+        "spearman": float(spearman(pred, exact)),
+        f"pearson_{per_test_key}": nanmean(pearson(pred, exact, dim=0)),
+        f"spearman_{per_test_key}": nanmean(spearman(pred, exact, dim=0)),
+    }
