@@ -17,7 +17,9 @@ from ddm_ray.errors import ConfigError
 DATASETS = ("digits", "parquet", "mnist", "cifar10")
 ARCHS = ("mlp", "convnet")
 OBJECTIVES = ("loss", "margin", "correct")
-DISTILL_METHODS = ("displacement", "soft_label", "literal")
+DISTILL_METHODS = ("basis", "soft_label", "literal")
+TARGETS = ("unrolled", "influence", "blend")
+TARGET_SOLVERS = ("auto", "adjoint", "forward")
 UNIT_FEATURES = ("input", "penultimate")
 
 
@@ -108,52 +110,68 @@ class UnitConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Synset distillation by reverse gradient matching.
+    """Synset distillation.
 
     method:
-      displacement: the synset's descent step at the final model is matched to the reverse of the
-        unit's counterfactual displacement, estimated offline by unrolling SGD over the trajectory.
-      soft_label: paper-style matching of -grad L(theta_{t+s}; S) to grad L(theta_t; D_unit) with
-        learnable soft labels.
+      basis (default): every unit's leave-one-out displacement is estimated offline in the probe
+        subspace (the top `probe_rank` directions spanned by the loss gradients of `probe_samples`
+        class-stratified training samples) by `target`; each unit's synset is then a weighting of
+        the shared probe samples, solved in closed form, whose one descent step from the final
+        model reproduces that displacement (`core.distill.basis_synset`).
+      soft_label: paper-style reverse gradient matching of -grad L(theta_{t+s}; S) to
+        grad L(theta_t; D_unit), IPC learnable samples per unit with learnable soft labels.
       literal: the same with hard labels equal to the unit's class (kept for comparison).
+    target (basis):
+      unrolled: unrolled SGD influence over the trajectory (Hara et al. 2019);
+      influence: influence function with the Hessian projected on the probe subspace;
+      blend: blend_weight * unrolled + (1 - blend_weight) * influence.
     """
 
-    method: str = "displacement"
-    ipc: int = field(default=4, metadata={"help": "synthetic samples per unit"})
-    steps: int = 300
-    lr: float = 0.05
-    max_gap: int = field(default=20, metadata={"help": "trajectory matching: s drawn from [1, max_gap)"})
+    method: str = field(default="basis", metadata={"help": "basis | soft_label | literal"})
+    target: str = field(default="blend", metadata={"help": "basis: unrolled | influence | blend"})
+    target_solver: str = field(
+        default="auto",
+        metadata={"help": "unrolled target: adjoint (cost flat in units) | forward (per unit) | auto"},
+    )
+    probe_samples: int = field(
+        default=1024, metadata={"help": "basis: probe samples, class-stratified (the synthetic pool)"}
+    )
+    probe_rank: int = field(default=128, metadata={"help": "basis: probe subspace dimension k"})
+    probe_norm: float = field(
+        default=0.5, metadata={"help": "basis: probe gradients divided by their norm ** this"}
+    )
+    ridge: float = field(
+        default=1e-4, metadata={"help": "basis: shrinkage of weak probe directions (x largest)"}
+    )
+    influence_damping: float = field(
+        default=0.005, metadata={"help": "influence: damping relative to the largest curvature"}
+    )
+    blend_weight: float = field(default=0.5, metadata={"help": "blend: weight of the unrolled target"})
     unroll_epochs: int | None = field(
         default=None, metadata={"help": "unroll only the last N epochs (None: all)"}
     )
+    ipc: int = field(default=4, metadata={"help": "soft_label/literal: synthetic samples per unit"})
+    steps: int = field(default=300, metadata={"help": "soft_label/literal: matching steps"})
+    lr: float = field(default=0.05, metadata={"help": "soft_label/literal: Adam lr on the synset"})
+    max_gap: int = field(default=20, metadata={"help": "trajectory matching: s drawn from [1, max_gap)"})
     seed: int = 0
-    match: str = field(
-        default="fisher",
-        metadata={"help": "displacement fit space: parameter | fisher (probe-loss effect)"},
-    )
-    probe_samples: int = field(
-        default=512, metadata={"help": "fisher match: probe samples per class shard"}
-    )
-    probe_rank: int = field(default=300, metadata={"help": "fisher match: metric rank kept"})
-    layer_scales: bool = field(
-        default=True,
-        metadata={"help": "fit a per-layer step scale per unit after matching (one online step)"},
-    )
-    probe_norm: float = field(
-        default=0.5, metadata={"help": "fisher match: per-probe normalisation exponent"}
-    )
 
     def __post_init__(self) -> None:
         _check(self.method in DISTILL_METHODS, f"distill method must be one of {DISTILL_METHODS}")
+        _check(self.target in TARGETS, f"distill target must be one of {TARGETS}")
+        _check(self.target_solver in TARGET_SOLVERS, f"target solver must be one of {TARGET_SOLVERS}")
         _check(self.ipc >= 1, "IPC must be >= 1")
+        _check(self.ipc <= 4096, "IPC must be <= 4096")
         _check(self.steps >= 0, "distill steps must be >= 0")
         _check(self.lr > 0, "distill lr must be > 0")
         _check(self.max_gap >= 1, "max gap must be >= 1")
         _check(self.unroll_epochs is None or self.unroll_epochs >= 1, "unroll epochs must be >= 1")
-        _check(self.match in ("parameter", "fisher"), "distill match must be parameter or fisher")
-        _check(self.probe_samples >= 1, "probe samples must be >= 1")
-        _check(self.probe_rank >= 1, "probe rank must be >= 1")
+        _check(1 <= self.probe_samples <= 65536, "probe samples must be in [1, 65536]")
+        _check(1 <= self.probe_rank <= 4096, "probe rank must be in [1, 4096]")
         _check(self.probe_norm >= 0, "probe norm must be >= 0")
+        _check(0 <= self.ridge < 1, "ridge must be in [0, 1)")
+        _check(self.influence_damping > 0, "influence damping must be > 0")
+        _check(0 <= self.blend_weight <= 1, "blend weight must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -183,6 +201,13 @@ class RunConfig:
     units: UnitConfig = field(default_factory=UnitConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.distill.method != "basis" or self.online.steps == 1,
+            "basis synsets are solved for one online step; use --online-steps 1 "
+            "(or --distill-method soft_label for multi-step fine-tuning)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,3 +21,7 @@ class RunStateError(DDMError):
 
 class StorageError(DDMError):
     """Reading or writing the run's store failed."""
+
+
+class NonFiniteError(DDMError):
+    """Training, distillation or the online stage produced NaN or infinite values."""

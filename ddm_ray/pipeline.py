@@ -22,8 +22,8 @@ import torch
 
 import ddm_ray
 from ddm_ray.config import ExecConfig, RunConfig
-from ddm_ray.core.displacement import unrolled_displacement
-from ddm_ray.core.distill import distill_class
+from ddm_ray.core.adjoint import adjoint_unrolled
+from ddm_ray.core.distill import basis_synset, distill_class
 from ddm_ray.core.models import Network, Params, flatten
 from ddm_ray.core.online import (
     available_memory_bytes,
@@ -31,11 +31,19 @@ from ddm_ray.core.online import (
     choose_online_batch,
     evaluate_units,
 )
+from ddm_ray.core.probe import ProbeBasis, probe_basis, select_probes
 from ddm_ray.core.synset import Synset
+from ddm_ray.core.targets import (
+    InfluencePieces,
+    blend,
+    forward_unrolled_projected,
+    influence_pieces,
+    influence_target,
+)
 from ddm_ray.core.training import Trajectory, train
 from ddm_ray.core.units import Units, make_units
 from ddm_ray.data import Dataset, load_dataset
-from ddm_ray.errors import InputError, RunStateError
+from ddm_ray.errors import InputError, NonFiniteError, RunStateError
 from ddm_ray.store.run_store import TEST_INDEX_SCHEMA, UNITS_SCHEMA, RunStore, part_name
 
 FORMAT_VERSION = 1
@@ -55,7 +63,9 @@ class Offline:
 
 @dataclass
 class DistillJob:
-    """Everything a class shard needs; shipped once to each worker."""
+    """Everything a distillation shard needs; shipped once to each worker.
+
+    directions (P, k): the probe subspace V (basis method), None for per-class methods."""
 
     cfg: RunConfig
     input_shape: tuple[int, ...]
@@ -65,8 +75,53 @@ class DistillJob:
     x_train: torch.Tensor
     y_train: torch.Tensor
     unit_of: torch.Tensor
-    clusters_per_class: int
+    unit_label: torch.Tensor
+    directions: torch.Tensor | None = None
     device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One piece of distillation work, named by what it covers (so its file name is fixed).
+
+    kind "columns": the unrolled target's probe directions lo..hi-1 for every unit (adjoint);
+    kind "units": the unrolled target of units lo..hi-1 (forward unroll);
+    kind "classes": the per-unit synsets of the classes lo..hi-1 (soft_label / literal)."""
+
+    kind: str
+    lo: int
+    hi: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}-{self.lo:06d}-{self.hi:06d}"
+
+
+def split_range(n: int, parts: int, min_size: int = 1) -> list[tuple[int, int]]:
+    """[0, n) in at most `parts` contiguous, near-equal ranges of at least min_size each."""
+    parts = max(1, min(parts, n // max(1, min_size) or 1, n or 1))
+    edges = [round(i * n / parts) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def plan_shards(cfg: RunConfig, num_units: int, num_classes: int, rank: int, workers: int) -> list[Shard]:
+    """The distillation shards for `workers` actors (any number: none is tied to a class)."""
+    d = cfg.distill
+    if d.method != "basis":
+        return [Shard("classes", a, b) for a, b in split_range(num_classes, workers)]
+    if d.target == "influence":
+        return []
+    if unrolled_solver(d.target_solver, num_units, rank) == "adjoint":
+        # a shard replays training once for its directions: keep >= 8 directions per replay
+        return [Shard("columns", a, b) for a, b in split_range(rank, workers, min_size=8)]
+    return [Shard("units", a, b) for a, b in split_range(num_units, workers)]
+
+
+def unrolled_solver(choice: str, num_units: int, rank: int) -> str:
+    """auto: the forward unroll costs one HVP per unit and step, the adjoint one per direction."""
+    if choice != "auto":
+        return choice
+    return "forward" if num_units < rank else "adjoint"
 
 
 @dataclass
@@ -79,6 +134,8 @@ class OnlineJob:
     final: Params
     x_test: torch.Tensor
     y_test: torch.Tensor
+    pool_x: torch.Tensor  # (M, *input_shape): the synsets' shared samples
+    pool_label: torch.Tensor  # (M, C)
     store_url: str
     storage_options: dict[str, str] = field(default_factory=dict)
     online_batch: int | None = None  # None: chosen per worker from free device memory
@@ -87,7 +144,7 @@ class OnlineJob:
 
 @dataclass(frozen=True)
 class Block:
-    """A contiguous range of units [first, last] with their synsets."""
+    """A contiguous range of units [first, last]; its synsets travel as their weight rows."""
 
     first: int
     last: int
@@ -98,61 +155,78 @@ class Block:
 
 
 # ---- plain stage functions ----------------------------------------------------------------------
-def distill_shard(job: DistillJob, class_indices: list[int]) -> Iterator[tuple[int, Synset]]:
-    """One class shard in, its synsets out (yielded class by class as each finishes)."""
+def distill_shard(job: DistillJob, shard: Shard) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """One shard in, its finished pieces out as (key, tensors), yielded as each finishes."""
     cfg = job.cfg
     dev = torch.device(job.device)
     net = Network(cfg.model, job.input_shape, job.num_classes)
     net.module.to(dev)
-    k = job.clusters_per_class
     x, y = job.x_train.to(dev), job.y_train.to(dev)
-    traj = Trajectory([{n: t.to(dev) for n, t in p.items()} for p in job.traj.checkpoints], job.traj.steps_per_epoch)
-    shard_units = [c * k + i for c in class_indices for i in range(k)]
-    disp_flat = None
-    if cfg.distill.method == "displacement":
-        # replay training once for this shard's units only; other samples map to a dummy unit
-        local = torch.full_like(job.unit_of, len(shard_units))
-        for j, u in enumerate(shard_units):
-            local[job.unit_of == u] = j
-        disp = unrolled_displacement(
-            net,
-            {n: t.to(dev) for n, t in job.params0.items()},
-            x,
-            y,
-            local.to(dev),
-            len(shard_units) + 1,
-            cfg.train,
+    traj = Trajectory(
+        [{n: t.to(dev) for n, t in p.items()} for p in job.traj.checkpoints], job.traj.steps_per_epoch,
+        None if job.traj.velocities is None else [{n: t.to(dev) for n, t in p.items()} for p in job.traj.velocities],
+    )
+    if shard.kind == "classes":
+        for c in range(shard.lo, shard.hi):
+            uids = torch.nonzero(job.unit_label == c).flatten().tolist()
+            members = [torch.nonzero(job.unit_of == u).flatten().to(dev) for u in uids]
+            syn = distill_class(net, traj, c, uids, members, x, y, cfg.distill)
+            yield f"class-{c:06d}", syn.to_dict()
+        return
+    if job.directions is None:
+        raise ValueError(f"shard {shard.key} needs the probe subspace")
+    v = job.directions.to(dev)
+    n_units = int(job.unit_label.numel())
+    if shard.kind == "columns":
+        c = adjoint_unrolled(
+            net, traj, x, y, job.unit_of.to(dev), n_units, cfg.train, v[:, shard.lo : shard.hi],
             cfg.distill.unroll_epochs,
         )
-        disp_flat = torch.cat([v.flatten(1) for v in disp.values()], 1)[: len(shard_units)]
-    for ci, c in enumerate(class_indices):
-        uids = list(range(c * k, c * k + k))
-        members = [torch.nonzero(job.unit_of == u).flatten().to(dev) for u in uids]
-        target = disp_flat[ci * k : (ci + 1) * k] if disp_flat is not None else None
-        syn = distill_class(net, traj, c, uids, members, x, y, cfg.distill, cfg.online, target)
-        yield c, Synset.from_dict({n: t.detach().cpu() for n, t in syn.to_dict().items()})
+    elif shard.kind == "units":
+        c = forward_unrolled_projected(
+            net, {n: t.to(dev) for n, t in job.params0.items()}, x, y, job.unit_of.to(dev),
+            range(shard.lo, shard.hi), cfg.train, v, cfg.distill.unroll_epochs,
+        )
+    else:
+        raise ValueError(f"unknown shard kind {shard.kind!r}")
+    yield shard.key, {"c": c.cpu()}
 
 
-def online_batch_for(job: OnlineJob, net: Network, final: Params, ipc: int) -> tuple[int, int | None]:
+def assemble_unrolled(shards: list[Shard], pieces: dict[str, dict[str, torch.Tensor]], num_units: int, rank: int) -> torch.Tensor:
+    """c (U, k) from the finished column or unit shards."""
+    c = torch.zeros(num_units, rank)
+    for sh in shards:
+        part = pieces[sh.key]["c"]
+        if sh.kind == "columns":
+            c[:, sh.lo : sh.hi] = part
+        else:
+            c[sh.lo : sh.hi] = part
+    return c
+
+
+def online_batch_for(job: OnlineJob, net: Network, final: Params) -> tuple[int, int | None]:
     """(units per batched pass, test samples per forward chunk): --online-batch if given, else the
     largest that fits a quarter of the free memory of the worker's device."""
     n_test = int(job.x_test.shape[0])
     budget = available_memory_bytes(torch.device(job.device)) // 4
-    auto_b, chunk = choose_online_batch(net, final, n_test, ipc, job.cfg.online.steps, budget)
+    pool = int(job.pool_x.shape[0])
+    auto_b, chunk = choose_online_batch(net, final, n_test, pool, job.cfg.online.steps, budget)
     return (job.online_batch or auto_b), (None if chunk >= n_test else chunk)
 
 
 @dataclass
 class OnlineContext:
-    """What every block of one online job shares: the network, the final weights and the test set
-    on the device, and the base objectives. Built once per process (driver or worker), not per block."""
+    """What every block of one online job shares: the network, the final weights, the test set and
+    the synsets' sample pool on the device, and the base objectives. Built once per process."""
 
     net: Network
     final: Params
     x_test: torch.Tensor
     y_test: torch.Tensor
+    pool_x: torch.Tensor
+    pool_label: torch.Tensor
     base: torch.Tensor
-    batches: dict[int, tuple[int, int | None]] = field(default_factory=dict)  # ipc -> (batch, chunk)
+    batch: tuple[int, int | None] | None = None  # (units per pass, test chunk), chosen on first use
 
 
 def online_context(job: OnlineJob) -> OnlineContext:
@@ -162,28 +236,33 @@ def online_context(job: OnlineJob) -> OnlineContext:
     final = {k: v.to(dev) for k, v in job.final.items()}
     x_test, y_test = job.x_test.to(dev), job.y_test.to(dev)
     base = base_objectives(net, final, x_test, y_test, job.cfg.online.objectives)
-    return OnlineContext(net, final, x_test, y_test, base)
+    return OnlineContext(net, final, x_test, y_test, job.pool_x.to(dev), job.pool_label.to(dev), base)
 
 
-def evaluate_block(job: OnlineJob, syn: Synset, ctx: OnlineContext | None = None) -> pa.Table:
-    """Leave-one-out rows for the units of syn: one row per (unit, objective).
+def evaluate_block(job: OnlineJob, block: Block, weight: torch.Tensor, ctx: OnlineContext | None = None) -> pa.Table:
+    """Leave-one-out rows for the units of a block: one row per (unit, objective).
 
+    weight (B, M): the block's synset weight rows over the job's sample pool.
     ctx: the job's shared state from `online_context(job)`; built here when not given."""
     cfg = job.cfg
     ctx = ctx or online_context(job)
-    dev = torch.device(job.device)
-    syn_d = Synset.from_dict({n: t.to(dev) for n, t in syn.to_dict().items()})
+    unit_ids = torch.arange(block.first, block.last + 1)
+    syn = Synset(unit_ids, ctx.pool_x, ctx.pool_label, weight.to(ctx.pool_x.device))
     names = cfg.online.objectives
-    ipc = int(syn.x.shape[1])
-    if ipc not in ctx.batches:
-        ctx.batches[ipc] = online_batch_for(job, ctx.net, ctx.final, ipc)
-    batch, chunk = ctx.batches[ipc]
+    if ctx.batch is None:
+        ctx.batch = online_batch_for(job, ctx.net, ctx.final)
+    batch, chunk = ctx.batch
     deltas = evaluate_units(
-        ctx.net, ctx.final, syn_d, ctx.x_test, ctx.y_test, names, cfg.online.steps, cfg.online.lr,
+        ctx.net, ctx.final, syn, ctx.x_test, ctx.y_test, names, cfg.online.steps, cfg.online.lr,
         batch=batch, base=ctx.base, precision=cfg.online.precision, test_chunk=chunk,
     ).cpu()  # (n_obj, U, N)
+    if not bool(torch.isfinite(deltas).all()):
+        raise NonFiniteError(
+            f"online: non-finite deltas for units {block.first}-{block.last}; the synsets or the model "
+            "diverged (lower --lr or --online-lr, or normalise the inputs)"
+        )
     n_obj, n_units, n_test = deltas.shape
-    unit_col = np.repeat(syn.unit_ids.numpy(), n_obj)
+    unit_col = np.repeat(unit_ids.numpy(), n_obj)
     obj_col = np.tile(np.array(names, dtype=object), n_units)
     flat = deltas.permute(1, 0, 2).reshape(-1).numpy().astype(np.float32)
     offsets = np.arange(0, n_units * n_obj * n_test + 1, n_test, dtype=np.int32)
@@ -191,9 +270,9 @@ def evaluate_block(job: OnlineJob, syn: Synset, ctx: OnlineContext | None = None
     return pa.table({"unit_id": pa.array(unit_col, pa.int64()), "objective": pa.array(obj_col, pa.string()), "delta": delta_col})
 
 
-def run_block(job: OnlineJob, block: Block, syn: Synset, ctx: OnlineContext | None = None) -> int:
+def run_block(job: OnlineJob, block: Block, weight: torch.Tensor, ctx: OnlineContext | None = None) -> int:
     """Evaluate one block and write its Parquet part; returns the number of rows written."""
-    table = evaluate_block(job, syn, ctx)
+    table = evaluate_block(job, block, weight, ctx)
     RunStore(job.store_url, job.storage_options).write_part(block.first, block.last, table)
     return table.num_rows
 
@@ -201,10 +280,12 @@ def run_block(job: OnlineJob, block: Block, syn: Synset, ctx: OnlineContext | No
 class Executor(Protocol):
     """Where shards and blocks run. Implementations live in ddm_ray.engine."""
 
-    def distill(self, job: DistillJob, shards: list[list[int]]) -> Iterator[tuple[int, Synset]]: ...
+    def distill(
+        self, job: DistillJob, shards: list[Shard]
+    ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]: ...
 
     def evaluate(
-        self, job: OnlineJob, blocks: list[tuple[Block, Synset]]
+        self, job: OnlineJob, blocks: list[tuple[Block, torch.Tensor]]
     ) -> Iterator[tuple[Block, int]]: ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -215,6 +296,10 @@ def train_offline(cfg: RunConfig, dataset: Dataset) -> Offline:
     net = Network(cfg.model, dataset.input_shape, dataset.num_classes)
     params0 = net.init_params(cfg.train.seed)
     traj = train(net, params0, dataset.x_train, dataset.y_train, cfg.train)
+    if not all(bool(torch.isfinite(v).all()) for v in traj.final.values()):
+        raise NonFiniteError(
+            "training: the model diverged (non-finite parameters); lower --lr or normalise the inputs"
+        )
     if cfg.units.features == "penultimate":
         with torch.no_grad():
             feats = net.features(traj.final, dataset.x_train)
@@ -276,16 +361,101 @@ def data_fingerprint(ds: Dataset) -> str:
     return h.hexdigest()[:16]
 
 
-def shard_classes(class_sizes: list[int], n_shards: int) -> list[list[int]]:
-    """Balance classes over shards by sample count (largest first onto the lightest shard)."""
-    n_shards = max(1, min(n_shards, len(class_sizes)))
-    loads = [0] * n_shards
-    shards: list[list[int]] = [[] for _ in range(n_shards)]
-    for c in sorted(range(len(class_sizes)), key=lambda c: (-class_sizes[c], c)):
-        i = min(range(n_shards), key=lambda j: (loads[j], j))
-        shards[i].append(c)
-        loads[i] += class_sizes[c]
-    return [sorted(s) for s in shards if s]
+# ---- distillation, wherever its shards run ----------------------------------------------------------
+DistillFn = Callable[[DistillJob, list[Shard]], Iterator[tuple[str, dict[str, torch.Tensor]]]]
+LoadPiece = Callable[[str], "dict[str, torch.Tensor] | None"]
+SavePiece = Callable[[str, dict[str, torch.Tensor]], None]
+
+
+def memory_estimate(cfg: RunConfig, off: Offline, rank: int, shards: list[Shard]) -> str:
+    """What distillation holds at its peak (float32 bytes), logged before it starts."""
+    p = int(flatten(off.traj.final).numel())
+    m = min(cfg.distill.probe_samples, int(off.dataset.y_train.numel()))
+    subspace = 4 * (2 * m * p + p * rank) + 8 * m * m
+    widest = max((sh.hi - sh.lo for sh in shards if sh.kind == "columns"), default=0)
+    units = max((sh.hi - sh.lo for sh in shards if sh.kind == "units"), default=0)
+    shard = 4 * p * (3 * widest + 2 * (units + 1) + off.traj.steps_per_epoch + cfg.train.batch_size)
+    return f"distill memory estimate: {subspace / 2**20:.0f} MiB (subspace), {shard / 2**20:.0f} MiB per shard"
+
+
+def subspace_of(cfg: RunConfig, off: Offline) -> dict[str, torch.Tensor]:
+    """The probe subspace, and the influence target's pieces when the target needs them."""
+    d, ds = cfg.distill, off.dataset
+    index = select_probes(ds.y_train, ds.num_classes, d.probe_samples, d.seed)
+    basis = probe_basis(off.net, off.traj.final, ds.x_train, ds.y_train, index, d.probe_rank, d.probe_norm)
+    state = {"index": basis.index, "v": basis.v, "coef": basis.coef, "lam": basis.lam}
+    if d.target in ("influence", "blend"):
+        pieces = influence_pieces(
+            off.net, off.traj.final, ds.x_train, ds.y_train, off.units.unit_of, off.units.num_units,
+            basis.v, cfg.train.weight_decay,
+        )
+        state.update({"h": pieces.h, "g": pieces.g})
+    return state
+
+
+def _check_piece(key: str, piece: dict[str, torch.Tensor]) -> None:
+    for name, t in piece.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"distill: non-finite {name} in {key}; lower --lr or normalise the inputs")
+
+
+def distill_synsets(
+    cfg: RunConfig,
+    off: Offline,
+    distill: DistillFn,
+    n_shards: int,
+    load: LoadPiece | None = None,
+    save: SavePiece | None = None,
+    log: Callable[[str], None] | None = None,
+    timings: dict[str, float] | None = None,
+) -> Synset:
+    """Every unit's synset. Shards run through `distill` (an executor's); finished pieces are
+    saved with `save` and, on resume, reloaded with `load` instead of being recomputed."""
+    ds, d = off.dataset, cfg.distill
+    log = log or (lambda msg: None)
+    load = load or (lambda key: None)
+    save = save or (lambda key, piece: None)
+    basis = pieces = None
+    if d.method == "basis":
+        state = load("subspace")
+        if state is None:
+            t0 = time.perf_counter()
+            state = subspace_of(cfg, off)
+            _check_piece("subspace", state)
+            save("subspace", state)
+            if timings is not None:
+                timings["distill_subspace"] = round(time.perf_counter() - t0, 3)  # part of "distill"
+        index = state["index"]
+        basis = ProbeBasis(index, ds.x_train[index], ds.y_train[index], state["v"], state["coef"], state["lam"])
+        pieces = InfluencePieces(state["h"], state["g"]) if "h" in state else None
+    rank = 0 if basis is None else basis.rank
+    shards = plan_shards(cfg, off.units.num_units, ds.num_classes, rank, n_shards)
+    log(memory_estimate(cfg, off, rank, shards) + f"; {len(shards)} shard(s)")
+    have = {sh.key: got for sh in shards if (got := load(sh.key)) is not None}
+    missing = [sh for sh in shards if sh.key not in have]
+    if missing:
+        job = DistillJob(
+            cfg, ds.input_shape, ds.num_classes, off.params0, off.traj, ds.x_train, ds.y_train,
+            off.units.unit_of, off.units.label, None if basis is None else basis.v,
+        )
+        for key, piece in distill(job, missing):
+            _check_piece(key, piece)
+            save(key, piece)
+            have[key] = piece
+            log(f"distilled {key} ({len(have)}/{len(shards)})")
+    if basis is None:
+        syn = Synset.concat([Synset.from_dict(have[f"class-{c:06d}"]) for c in range(ds.num_classes)])
+        order = torch.argsort(syn.unit_ids)
+        syn = Synset(syn.unit_ids[order], syn.x, syn.label, syn.weight[order])
+    else:
+        unrolled = assemble_unrolled(shards, have, off.units.num_units, rank) if d.target != "influence" else None
+        influence = None if pieces is None else influence_target(pieces, d.influence_damping)
+        c = blend(unrolled, influence, d.blend_weight)
+        syn = basis_synset(basis, torch.arange(off.units.num_units), c, cfg.online.lr, d.ridge, ds.num_classes)
+    problem = syn.check(ds.input_shape, ds.num_classes)
+    if problem is not None:
+        raise NonFiniteError(f"distill: {problem}; lower --lr or normalise the inputs")
+    return syn
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -364,7 +534,7 @@ class Run:
         if resume and self.store.exists(RunStore.MODEL):
             state = self.store.read_torch(RunStore.MODEL)
             net = Network(self.cfg.model, dataset.input_shape, dataset.num_classes)
-            traj = Trajectory(state["checkpoints"], int(state["steps_per_epoch"]))
+            traj = Trajectory(state["checkpoints"], int(state["steps_per_epoch"]), state.get("velocities"))
             units = Units(unit_of=state["unit_of"], label=state["unit_label"])
             self.log("resume: reusing the trained model and units")
             return Offline(dataset, net, state["params0"], traj, units)
@@ -380,6 +550,7 @@ class Run:
                 "params0": off.params0,
                 "checkpoints": off.traj.checkpoints,
                 "steps_per_epoch": off.traj.steps_per_epoch,
+                **({} if off.traj.velocities is None else {"velocities": off.traj.velocities}),
                 "unit_of": off.units.unit_of,
                 "unit_label": off.units.label,
                 "classes": torch.tensor(dataset.classes),
@@ -388,29 +559,26 @@ class Run:
         return off
 
     def _synsets(self, off: Offline, resume: bool, n_shards: int) -> Synset:
-        k = self.cfg.units.clusters_per_class
-        c_count = off.dataset.num_classes
-        have: dict[int, Synset] = {}
-        if resume:
-            for c in range(c_count):
-                name = RunStore.synset_name(c)
-                if self.store.exists(name):
-                    have[c] = Synset.from_dict(self.store.read_torch(name))
-        missing = [c for c in range(c_count) if c not in have]
+        ds = off.dataset
         t0 = time.perf_counter()
-        if missing:
-            sizes = [int((off.dataset.y_train == c).sum()) for c in missing]
-            shards = [[missing[i] for i in s] for s in shard_classes(sizes, n_shards)]
-            job = DistillJob(
-                self.cfg, off.dataset.input_shape, c_count, off.params0, off.traj,
-                off.dataset.x_train, off.dataset.y_train, off.units.unit_of, k,
-            )
-            for c, syn in self.executor.distill(job, shards):
-                self.store.write_torch(RunStore.synset_name(c), syn.to_dict())
-                have[c] = syn
-                self.log(f"distilled class {off.dataset.classes[c]} ({len(have)}/{c_count})")
+        if resume and self.store.exists(RunStore.SYNSET):
+            syn = Synset.from_dict(self.store.read_torch(RunStore.SYNSET))
+            problem = syn.check(ds.input_shape, ds.num_classes)
+            if problem is None and len(syn) == off.units.num_units:
+                return syn
+            self.log(f"resume: recomputing the synsets ({problem or 'unit count differs'})")
+
+        def load(key: str) -> dict[str, torch.Tensor] | None:
+            name = RunStore.distill_piece(key)
+            return self.store.read_torch(name) if resume and self.store.exists(name) else None
+
+        def save(key: str, piece: dict[str, torch.Tensor]) -> None:
+            self.store.write_torch(RunStore.distill_piece(key), piece)
+
+        syn = distill_synsets(self.cfg, off, self.executor.distill, n_shards, load, save, self.log, self.timings)
+        self.store.write_torch(RunStore.SYNSET, syn.to_dict())
         self._stage("distill", t0)
-        return Synset.concat([have[c] for c in range(c_count)])
+        return syn
 
     def execute(self, n_shards: int = 1) -> dict[str, Any]:
         t_all = time.perf_counter()
@@ -441,15 +609,15 @@ class Run:
         if stale:  # parts of another block size or temporary files of a killed writer: drop them
             for name in stale:
                 self.store.remove(f"{RunStore.ATTRIBUTION}/{name}")
-        todo = [(b, syn.select(slice(b.first, b.last + 1))) for b in blocks if b.part not in done]
+        todo = [(b, syn.weight[b.first : b.last + 1].clone()) for b in blocks if b.part not in done]
         job = OnlineJob(
             self.cfg, off.dataset.input_shape, off.dataset.num_classes, off.traj.final,
-            off.dataset.x_test, off.dataset.y_test, self.store.url, self.exe.storage_options,
+            off.dataset.x_test, off.dataset.y_test, syn.x, syn.label, self.store.url, self.exe.storage_options,
             online_batch=self.exe.online_batch,
         )
         if self.online_batch is None and n_units:
             # what a worker on this machine's device picks (GPU workers size from their own memory)
-            self.online_batch = online_batch_for(job, off.net, off.traj.final, int(syn.x.shape[1]))[0]
+            self.online_batch = online_batch_for(job, off.net, off.traj.final)[0]
         t0 = time.perf_counter()
         rows = 0
         units_left = sum(b.last - b.first + 1 for b, _ in todo)

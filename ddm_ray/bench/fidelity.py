@@ -34,12 +34,12 @@ from ddm_ray.core.metrics import agreement, auc, precision_at_k
 from ddm_ray.core.models import Network, Params, flatten
 from ddm_ray.core.objectives import all_objectives
 from ddm_ray.core.online import evaluate_units
-from ddm_ray.core.synset import Synset, fast_learn
+from ddm_ray.core.synset import Synset
 from ddm_ray.core.training import train
 from ddm_ray.data import Dataset, load_dataset
 from ddm_ray.engine.fanout import FanOut
 from ddm_ray.errors import ConfigError
-from ddm_ray.pipeline import DistillJob, Offline, distill_shard, shard_classes, train_offline
+from ddm_ray.pipeline import DistillJob, Offline, Shard, distill_shard, distill_synsets, train_offline
 
 PEER_NAMES = (
     "class_indicator", "gradient_ascent", "tracin", "influence", "influence_linear", "influence_damped",
@@ -121,7 +121,7 @@ def retrain_logits(fan: FanOut, job: _RetrainJob, keeps: torch.Tensor, chunk: in
     return torch.cat(fan.map(_retrain_chunk, job, parts))
 
 
-def _distill_one(job: DistillJob, shard: list[int]) -> list[tuple[int, Synset]]:
+def _distill_one(job: DistillJob, shard: Shard) -> list[tuple[str, dict[str, torch.Tensor]]]:
     return list(distill_shard(job, shard))
 
 
@@ -150,16 +150,12 @@ def _prepare(cfg: RunConfig, ds: Dataset) -> _Model:
 
 def _distill(m: _Model, fan: FanOut) -> None:
     t0 = time.perf_counter()
-    k = m.cfg.units.clusters_per_class
-    sizes = [int((m.ds.y_train == c).sum()) for c in range(m.ds.num_classes)]
     n_shards = fan.describe().get("cpus", 1) if fan.engine == "ray" else 1
-    shards = shard_classes(sizes, max(1, n_shards))
-    job = DistillJob(
-        m.cfg, m.ds.input_shape, m.ds.num_classes, m.off.params0, m.off.traj, m.ds.x_train,
-        m.ds.y_train, m.off.units.unit_of, k,
-    )
-    have = dict(pair for part in fan.map(_distill_one, job, shards) for pair in part)
-    m.syn = Synset.concat([have[c] for c in range(m.ds.num_classes)])
+
+    def run_shards(job: DistillJob, shards: list[Shard]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        return [pair for part in fan.map(_distill_one, job, shards) for pair in part]
+
+    m.syn = distill_synsets(m.cfg, m.off, run_shards, max(1, n_shards))
     m.distill_seconds = time.perf_counter() - t0
 
 
@@ -243,18 +239,10 @@ def _ddm_masks(m: _Model, masks: torch.Tensor, obj: int) -> torch.Tensor:
     assert m.syn is not None
     o = m.cfg.online
     net, final = m.off.net, m.off.traj.final
-    out = []
-    with torch.no_grad():
-        for mask in masks:
-            s = m.syn.select(mask)
-            x = s.x.reshape(-1, *s.x.shape[2:])
-            scale = None if s.scale is None else s.scale.reshape(-1, s.scale.shape[-1])
-            p = fast_learn(
-                net, final, x, s.logits.reshape(-1, s.logits.shape[-1]), s.weight.reshape(-1), o.steps, o.lr,
-                scale=scale,
-            )
-            out.append(all_objectives(net.logits(p, m.ds.x_test), m.ds.y_test, o.objectives)[obj])
-    return torch.stack(out)
+    union = Synset(torch.arange(masks.shape[0]), m.syn.x, m.syn.label, masks.to(m.syn.weight.dtype) @ m.syn.weight)
+    base = peers.base_objectives(m.inp)[obj]
+    d = evaluate_units(net, final, union, m.ds.x_test, m.ds.y_test, o.objectives, o.steps, o.lr)
+    return d[obj] + base[None, :]
 
 
 def _datamodel(

@@ -2,9 +2,8 @@
 
 For each unit u in the block: theta_{-u} = fast_learn(theta_final, S_u) and
     delta_u(x) = f(theta_{-u}, x) - f(theta_final, x)
-for every test sample x and objective f. The block is evaluated in one batched pass
-(`torch.func.vmap` over units, chunked by `batch`); `evaluate_units_loop` is the one-by-one
-reference the batched path must agree with.
+for every test sample x and objective f. The block is evaluated in batched passes (B units at a
+time); `evaluate_units_loop` is the one-by-one reference the batched path must agree with.
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from collections.abc import Iterator
 import torch
 from torch.func import vmap
 
-from ddm_ray.core.models import Network, Params
+from ddm_ray.core.models import Network, Params, flatten, unflatten
 from ddm_ray.core.objectives import all_objectives
-from ddm_ray.core.synset import Synset, fast_learn
+from ddm_ray.core.synset import Synset, fast_learn, one_step_moves
 
 
 def _test_logits(net: Network, params: Params, x_test: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -87,7 +86,9 @@ def choose_online_batch(
     device = next(iter(params.values())).device
     sample = torch.zeros(1, *net.input_shape, device=device)
     a = activation_numel(net, params, sample)
-    per_unit = 4 * (p * (2 * steps + 2) + ipc * a * 4 * steps)
+    # one step: a unit costs its move (the shared per-sample gradients are chunked separately);
+    # more steps fine-tune a copy per unit on `ipc` samples with saved activations
+    per_unit = 4 * (p * (2 * steps + 2) + (ipc * a * 4 * steps if steps > 1 else 0))
     b = int(max(1, min(cap, (budget_bytes // 2) // max(1, per_unit))))
     if device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in net.module.modules()):
         # vmapped convolutions run as grouped convolutions, which CPU kernels do slowly:
@@ -126,28 +127,30 @@ def evaluate_units(
 ) -> torch.Tensor:
     """Deltas for every unit of syn: returns (n_obj, U, N_test) float32.
 
-    Units are processed `batch` at a time: B parameter copies are fine-tuned and run over the test
-    set together (one vmapped fine-tune and one vmapped forward per chunk). The base objectives
-    f(theta_final, x) are computed in float32 whatever the precision.
+    Units are processed `batch` at a time, each batch on the samples its units use. One online
+    step (the default) is linear in the weights, so the B moves come from one per-sample-gradient
+    pass over those samples (`one_step_moves`); more steps fine-tune B parameter copies together
+    (vmapped). The B models then run over the test set in one vmapped forward per test chunk.
+    The base objectives f(theta_final, x) are computed in float32 whatever the precision.
     """
     if base is None:
         base = base_objectives(net, final, x_test, y_test, names)
-
     n_test = x_test.shape[0]
     chunk = test_chunk or n_test
-    if syn.scale is None:
-        tune = vmap(lambda x, z, w: fast_learn(net, final, x, z, w, steps, lr))
-    else:
-        tune = vmap(lambda x, z, w, s: fast_learn(net, final, x, z, w, steps, lr, scale=s))
-    forward = vmap(net.logits, in_dims=(0, None))
+    theta = flatten(final)
+    forward = vmap(lambda pf, xs: net.logits(unflatten(pf, final), xs), in_dims=(0, None))
     out = []
     with torch.no_grad():
         for i in range(0, len(syn), batch):
-            part = syn.select(slice(i, i + batch))
+            part = syn.select(slice(i, i + batch)).compact()
             cols = []
             with precision_context(precision, x_test.device):
-                args = (part.x, part.logits, part.weight) + (() if part.scale is None else (part.scale,))
-                tuned = tune(*args)  # Params, each (b, *shape)
+                if steps == 1:
+                    tuned = theta[None, :] + one_step_moves(net, final, part.x, part.label, part.weight, lr)
+                else:
+                    tune = vmap(lambda w, xs, ls: flatten(fast_learn(net, final, xs, ls, w, steps, lr)),
+                                in_dims=(0, None, None))
+                    tuned = tune(part.weight, part.x, part.label)  # (b, P)
                 for j in range(0, n_test, chunk):
                     logits = forward(tuned, x_test[j : j + chunk])  # (b, n, C)
                     cols.append(all_objectives(logits.float(), y_test[j : j + chunk], names))
@@ -169,8 +172,7 @@ def evaluate_units_loop(
     base = base_objectives(net, final, x_test, y_test, names)
     rows = []
     for u in range(len(syn)):
-        scale = None if syn.scale is None else syn.scale[u]
-        p = fast_learn(net, final, syn.x[u], syn.logits[u], syn.weight[u], steps, lr, scale=scale)
+        p = fast_learn(net, final, syn.x, syn.label, syn.weight[u], steps, lr)
         with torch.no_grad():
             rows.append(all_objectives(net.logits(p, x_test), y_test, names) - base)
     return torch.stack(rows, dim=1).float()

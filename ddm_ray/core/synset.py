@@ -1,16 +1,19 @@
 """Synsets and the fast-learn step: fine-tuning the final model on synthetic samples.
 
-A synset for U units with IPC samples each is three tensors:
-  x:      (U, IPC, *input_shape)  synthetic inputs
-  logits: (U, IPC, C)             soft-label logits (the label is softmax(logits))
-  weight: (U, IPC)                per-sample loss weight (sign and scale of the step)
-  scale:  (U, IPC, L) or None     optional per-sample step scale of each of the L parameter
-                                  tensors (a per-layer learning rate that travels with the sample)
+The synsets of U units share one pool of M synthetic samples; each unit weighs every sample:
+  x:      (M, *input_shape)  synthetic inputs
+  label:  (M, C)             soft labels (probability vectors; one-hot for hard labels)
+  weight: (U, M)             per-unit loss weight of each sample (0: not in that unit's synset)
 
-The fast-learn step from theta with `steps` steps of size `lr` descends
-    L(theta; S) = sum_j weight_j * CE(f(theta, x_j), softmax(logits_j)),
-with tensor k of the gradient taken as sum_j scale_{j,k} * weight_j * grad_k CE_j when scales exist.
-Removing a set of units descends the sum of their synsets' losses.
+Unit u's synset is {(x_j, label_j, weight[u, j]) : weight[u, j] != 0}. Fast-learning it from theta
+takes `steps` descent steps of size lr on
+
+    L_u(theta) = sum_j weight[u, j] * CE(f(theta, x_j), label_j),
+
+and removing a set of units descends the sum of their losses, i.e. uses the summed weight rows, so
+synsets compose by adding weights. Weights carry sign and magnitude: a negative weight is ascent on
+that sample. Per-unit synsets (the paper's IPC samples per unit) are the special case where each
+unit owns its own IPC columns; the basis synsets of `core.distill` share all M probe samples.
 """
 
 from __future__ import annotations
@@ -18,61 +21,78 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from ddm_ray.core.models import Network, Params
+from ddm_ray.core.models import Network, Params, flatten, unflatten
 
 
 @dataclass
 class Synset:
-    """Synthetic samples for a contiguous set of units (see module docstring for shapes)."""
+    """Synthetic samples and per-unit weights (see the module docstring for shapes)."""
 
     unit_ids: torch.Tensor  # (U,) int64
     x: torch.Tensor
-    logits: torch.Tensor
+    label: torch.Tensor
     weight: torch.Tensor
-    scale: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.unit_ids.numel())
 
     def select(self, rows: torch.Tensor | slice) -> Synset:
-        return Synset(
-            self.unit_ids[rows], self.x[rows], self.logits[rows], self.weight[rows],
-            None if self.scale is None else self.scale[rows],
-        )
+        """The synsets of some units; the sample pool is shared, not copied."""
+        return Synset(self.unit_ids[rows], self.x, self.label, self.weight[rows])
+
+    def compact(self) -> Synset:
+        """The same synsets with the samples no unit uses dropped (what an online block ships)."""
+        used = (self.weight != 0).any(0)
+        if bool(used.all()):
+            return self
+        return Synset(self.unit_ids, self.x[used], self.label[used], self.weight[:, used])
 
     @staticmethod
     def concat(parts: list[Synset]) -> Synset:
-        scales = [p.scale for p in parts]
-        if any(s is None for s in scales) and not all(s is None for s in scales):
-            raise ValueError("cannot concatenate synsets with and without step scales")
+        """Units of several synsets in order; their sample pools are stacked (block weights)."""
+        m = sum(int(p.x.shape[0]) for p in parts)
+        weight = torch.zeros(sum(len(p) for p in parts), m, dtype=parts[0].weight.dtype)
+        r = c = 0
+        for p in parts:
+            weight[r : r + len(p), c : c + p.x.shape[0]] = p.weight
+            r, c = r + len(p), c + int(p.x.shape[0])
         return Synset(
             torch.cat([p.unit_ids for p in parts]),
             torch.cat([p.x for p in parts]),
-            torch.cat([p.logits for p in parts]),
-            torch.cat([p.weight for p in parts]),
-            None if scales[0] is None else torch.cat(scales),  # type: ignore[arg-type]
+            torch.cat([p.label for p in parts]),
+            weight,
         )
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        d = {"unit_ids": self.unit_ids, "x": self.x, "logits": self.logits, "weight": self.weight}
-        if self.scale is not None:
-            d["scale"] = self.scale
-        return d
+        return {"unit_ids": self.unit_ids, "x": self.x, "label": self.label, "weight": self.weight}
 
     @staticmethod
     def from_dict(d: dict[str, torch.Tensor]) -> Synset:
-        return Synset(d["unit_ids"], d["x"], d["logits"], d["weight"], d.get("scale"))
+        return Synset(d["unit_ids"], d["x"], d["label"], d["weight"])
+
+    def check(self, input_shape: tuple[int, ...], num_classes: int) -> str | None:
+        """A one-line reason when the tensors do not fit a model of this shape, else None."""
+        m = self.x.shape[0]
+        if tuple(self.x.shape[1:]) != tuple(input_shape):
+            return f"synthetic inputs have shape {tuple(self.x.shape[1:])}, the model takes {tuple(input_shape)}"
+        if tuple(self.label.shape) != (m, num_classes):
+            return f"labels have shape {tuple(self.label.shape)}, expected {(m, num_classes)}"
+        if tuple(self.weight.shape) != (len(self), m):
+            return f"weights have shape {tuple(self.weight.shape)}, expected {(len(self), m)}"
+        for name, t in (("inputs", self.x), ("labels", self.label), ("weights", self.weight)):
+            if not bool(torch.isfinite(t).all()):
+                return f"synset {name} hold non-finite values"
+        return None
 
 
 def synset_loss(
-    net: Network, params: Params, x: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor
+    net: Network, params: Params, x: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
-    """Weighted soft-label cross-entropy of one synset: x (m, ...), logits (m, C), weight (m,)."""
+    """Weighted soft-label cross-entropy: x (m, ...), label (m, C), weight (m,)."""
     out = net.logits(params, x)
-    ce = -(F.softmax(logits, -1) * F.log_softmax(out, -1)).sum(-1)
+    ce = -(label * torch.log_softmax(out, -1)).sum(-1)
     return (weight * ce).sum()
 
 
@@ -80,32 +100,43 @@ def fast_learn(
     net: Network,
     params: Params,
     x: torch.Tensor,
-    logits: torch.Tensor,
+    label: torch.Tensor,
     weight: torch.Tensor,
     steps: int,
     lr: float,
-    scale: torch.Tensor | None = None,
 ) -> Params:
-    """`steps` descent steps of size lr from params on one synset (m samples). Differentiable.
-
-    scale (m, L), if given, scales each sample's gradient of each of the L parameter tensors.
-    """
-    if scale is None:
-        g_fn = grad(lambda p: synset_loss(net, p, x, logits, weight))
-    else:
-        keys = list(params)
-
-        def one(p: Params, xi: torch.Tensor, zi: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
-            return synset_loss(net, p, xi[None], zi[None], wi[None])
-
-        per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0))
-
-        def g_fn(p: Params) -> Params:
-            g = per_sample(p, x, logits, weight)  # (m, *shape) per tensor
-            return {k: torch.tensordot(scale[:, i], g[k], dims=1) for i, k in enumerate(keys)}
-
+    """`steps` descent steps of size lr from params on one synset (m samples). Differentiable."""
+    g_fn = grad(lambda p: synset_loss(net, p, x, label, weight))
     p = params
     for _ in range(steps):
         g = g_fn(p)
         p = {k: p[k] - lr * g[k] for k in p}
     return p
+
+
+def one_step_moves(
+    net: Network,
+    params: Params,
+    x: torch.Tensor,
+    label: torch.Tensor,
+    weight: torch.Tensor,
+    lr: float,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Moves (B, P) of one fast-learn step for B weight rows (B, m) on one shared sample pool.
+
+    One step is linear in the weights: delta_b = -lr * sum_j weight[b, j] * grad CE_j(params), so
+    the per-sample gradients are computed once per chunk of samples and reused by every row
+    (memory: chunk x P at a time)."""
+    like = params
+    flat = flatten(params)
+
+    def one(pf: torch.Tensor, xi: torch.Tensor, li: torch.Tensor) -> torch.Tensor:
+        return -(li * torch.log_softmax(net.logits(unflatten(pf, like), xi[None])[0], -1)).sum()
+
+    g_fn = vmap(grad(one), in_dims=(None, 0, 0))
+    out = torch.zeros(weight.shape[0], flat.numel(), dtype=flat.dtype, device=flat.device)
+    for i in range(0, x.shape[0], chunk):
+        g = g_fn(flat, x[i : i + chunk], label[i : i + chunk])  # (c, P)
+        out.addmm_(weight[:, i : i + chunk].to(g.dtype), g, alpha=-lr)
+    return out

@@ -24,10 +24,15 @@ StepHook = Callable[[int, Params, torch.Tensor, "Params | None"], None]
 
 @dataclass
 class Trajectory:
-    """Checkpoints theta_0 (init), theta_1..theta_E (end of each epoch)."""
+    """Checkpoints theta_0 (init), theta_1..theta_E (end of each epoch).
+
+    velocities[e] is the momentum buffer at checkpoint e (None for plain SGD), so any epoch can be
+    replayed exactly from its checkpoint (`replay_epoch`).
+    """
 
     checkpoints: list[Params]
     steps_per_epoch: int
+    velocities: list[Params] | None = None
 
     @property
     def final(self) -> Params:
@@ -69,6 +74,7 @@ def train(
     )
     g_fn = grad(lambda p, xb, yb, nom: batch_loss(net, p, xb, yb, nom))
     checkpoints = [{k: v.clone() for k, v in params.items()}]
+    velocities = None if velocity is None else [{k: v.clone() for k, v in velocity.items()}]
     schedule = batch_schedule(n, cfg)
     step = 0
     for epoch, batches in enumerate(schedule):
@@ -76,17 +82,58 @@ def train(
             idx = batch[keep[batch]]
             if hook is not None and epoch >= start_epoch_hook:
                 hook(step, params, batch, velocity)
-            if idx.numel() > 0:
-                g = g_fn(params, x[idx], y[idx], batch.numel())
-            else:
-                g = {k: torch.zeros_like(v) for k, v in params.items()}
-            with torch.no_grad():
-                for k in params:
-                    gk = g[k] + cfg.weight_decay * params[k] if cfg.weight_decay else g[k]
-                    if velocity is not None:
-                        velocity[k] = cfg.momentum * velocity[k] + gk
-                        gk = velocity[k]
-                    params[k] = params[k] - cfg.lr * gk
+            params, velocity = sgd_step(g_fn, params, velocity, x, y, idx, batch.numel(), cfg)
             step += 1
         checkpoints.append({k: v.clone() for k, v in params.items()})
-    return Trajectory(checkpoints=checkpoints, steps_per_epoch=len(schedule[0]))
+        if velocities is not None and velocity is not None:
+            velocities.append({k: v.clone() for k, v in velocity.items()})
+    return Trajectory(checkpoints=checkpoints, steps_per_epoch=len(schedule[0]), velocities=velocities)
+
+
+def sgd_step(
+    g_fn: Callable[..., Params],
+    params: Params,
+    velocity: Params | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    nominal: int,
+    cfg: TrainConfig,
+) -> tuple[Params, Params | None]:
+    """One (momentum) SGD step on the samples idx (b,) of a batch of nominal size. Returns new
+    (params, velocity); the inputs are not modified."""
+    if idx.numel() > 0:
+        g = g_fn(params, x[idx], y[idx], nominal)
+    else:
+        g = {k: torch.zeros_like(v) for k, v in params.items()}
+    new_p: Params = {}
+    new_v: Params | None = None if velocity is None else {}
+    with torch.no_grad():
+        for k in params:
+            gk = g[k] + cfg.weight_decay * params[k] if cfg.weight_decay else g[k]
+            if velocity is not None and new_v is not None:
+                new_v[k] = cfg.momentum * velocity[k] + gk
+                gk = new_v[k]
+            new_p[k] = params[k] - cfg.lr * gk
+    return new_p, new_v
+
+
+def replay_epoch(
+    net: Network, traj: Trajectory, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, epoch: int
+) -> list[Params]:
+    """The pre-update parameters theta_t of every step of `epoch`, recomputed from its checkpoint.
+
+    Same code path as `train`, so the replayed parameters equal the original run's."""
+    schedule = batch_schedule(x.shape[0], cfg)
+    params = {k: v.clone() for k, v in traj.checkpoints[epoch].items()}
+    velocity = None
+    if cfg.momentum > 0:
+        if traj.velocities is None:
+            raise ValueError("replaying a momentum run needs the trajectory's velocities")
+        velocity = {k: v.clone() for k, v in traj.velocities[epoch].items()}
+    g_fn = grad(lambda p, xb, yb, nom: batch_loss(net, p, xb, yb, nom))
+    out = []
+    for batch in schedule[epoch]:
+        out.append(params)
+        params, velocity = sgd_step(g_fn, params, velocity, x, y, batch.to(x.device), batch.numel(), cfg)
+    return out

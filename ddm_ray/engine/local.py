@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ddm_ray.core.synset import Synset
+import torch
+
 from ddm_ray.engine import faults
-from ddm_ray.pipeline import Block, DistillJob, OnlineJob, distill_shard, online_context, run_block
+from ddm_ray.pipeline import Block, DistillJob, OnlineJob, Shard, distill_shard, online_context, run_block
 
 
 class LocalExecutor:
@@ -16,17 +17,17 @@ class LocalExecutor:
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
 
-    def distill(self, job: DistillJob, shards: list[list[int]]) -> Iterator[tuple[int, Synset]]:
+    def distill(self, job: DistillJob, shards: list[Shard]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         job.device = self.device
         for shard in shards:
             yield from distill_shard(job, shard)
 
-    def evaluate(self, job: OnlineJob, blocks: list[tuple[Block, Synset]]) -> Iterator[tuple[Block, int]]:
+    def evaluate(self, job: OnlineJob, blocks: list[tuple[Block, torch.Tensor]]) -> Iterator[tuple[Block, int]]:
         job.device = self.device
         ctx = online_context(job) if blocks else None  # shared by every block, as on each Ray worker
-        for block, syn in blocks:
+        for block, weight in blocks:
             faults.before_block(block.first, block.last)  # test-only hook, inert in normal runs
-            yield block, run_block(job, block, syn, ctx)
+            yield block, run_block(job, block, weight, ctx)
 
     def describe(self) -> dict[str, Any]:
         return {"executor": "local", "device": self.device}

@@ -1,8 +1,9 @@
-"""Ray executor: class shards on distillation actors, online blocks as tasks with backpressure.
+"""Ray executor: distillation shards on actors, online blocks as tasks with backpressure.
 
 Distillation: one actor per shard (one per GPU with `num_gpus=1`, or CPU actors), each a thin
-wrapper over the plain `ShardDistiller`; the driver pulls synsets class by class, so each class is
-written to the store as soon as it finishes. Online: one task per block of units, the job put into
+wrapper over the plain `ShardDistiller`; shards cover probe directions, unit ranges or classes
+(`pipeline.plan_shards`), so any number of actors is used. The driver pulls finished pieces one by
+one and writes each to the store as soon as it arrives. Online: one task per block of units, the job put into
 the object store once, at most `max_in_flight` tasks pending (`ray.wait`), retried on failure.
 Each task writes its own Parquet part and returns only a row count.
 
@@ -24,7 +25,6 @@ from typing import Any
 import ray
 import torch
 
-from ddm_ray.core.synset import Synset
 from ddm_ray.engine import faults
 from ddm_ray.engine.placement import Placement
 from ddm_ray.pipeline import (
@@ -32,6 +32,7 @@ from ddm_ray.pipeline import (
     DistillJob,
     OnlineContext,
     OnlineJob,
+    Shard,
     distill_shard,
     online_context,
     run_block,
@@ -42,18 +43,19 @@ WARM_HOLD_S = 3600.0  # a warm task gives its worker back after this long even i
 
 
 class ShardDistiller:
-    """Plain class: distils one shard of classes on `device`, handing out one class per `next`."""
+    """Plain class: distils one shard on `device`, handing out one finished piece per `next`."""
 
     def __init__(self, device: str) -> None:
         self.device = device
-        self._it: Iterator[tuple[int, Synset]] | None = None
+        self._it: Iterator[tuple[str, dict[str, torch.Tensor]]] | None = None
 
-    def start(self, job: DistillJob, shard: list[int]) -> None:
+    def start(self, job: DistillJob, shard: Shard, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
         job.device = self.device  # explicit: never inferred from CUDA_VISIBLE_DEVICES
         self._it = distill_shard(job, shard)
 
-    def next(self) -> tuple[int, Synset] | None:
-        """The next finished class of the shard, or None when the shard is done."""
+    def next(self) -> tuple[str, dict[str, torch.Tensor]] | None:
+        """The next finished piece of the shard, or None when the shard is done."""
         assert self._it is not None, "start() first"
         return next(self._it, None)
 
@@ -79,7 +81,7 @@ def _job_context(job_ref: ray.ObjectRef) -> tuple[OnlineJob, OnlineContext]:
     return _WORKER_JOB[1], _WORKER_JOB[2]
 
 
-def online_block_task(job_box: list[ray.ObjectRef], block: Block, syn: Synset, threads: int = 1) -> int:
+def online_block_task(job_box: list[ray.ObjectRef], block: Block, weight: torch.Tensor, threads: int = 1) -> int:
     """One online block as a Ray task; job.device was set explicitly by the driver.
 
     job_box: [ref of the OnlineJob], boxed so Ray passes the ref instead of the value and each
@@ -87,7 +89,7 @@ def online_block_task(job_box: list[ray.ObjectRef], block: Block, syn: Synset, t
     faults.before_block(block.first, block.last)  # test-only hook, inert in normal runs
     torch.set_num_threads(threads)
     job, ctx = _job_context(job_box[0])
-    return run_block(job, block, syn, ctx)
+    return run_block(job, block, weight, ctx)
 
 
 class _Gate:
@@ -129,7 +131,7 @@ class RayExecutor:
         self.placement = placement
         self.task_slots = max(1, task_slots or placement.actors)
         self.max_in_flight = max_in_flight or 2 * self.task_slots
-        self.actor_gpu_ids: dict[int, list[Any]] = {}  # class -> GPU ids of the actor that distilled it
+        self.actor_gpu_ids: dict[str, list[Any]] = {}  # piece key -> GPU ids of the actor that made it
         self.retried_blocks = 0
         self._gate: Any = None
         self._warm: list[Any] = []
@@ -172,14 +174,14 @@ class RayExecutor:
                 pass
             self._gate, self._warm = None, []
 
-    def distill(self, job: DistillJob, shards: list[list[int]]) -> Iterator[tuple[int, Synset]]:
+    def distill(self, job: DistillJob, shards: list[Shard]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         p = self.placement
         actor_cls = ray.remote(num_cpus=1, num_gpus=p.actor_gpus)(DistillActor)
         job_ref = ray.put(job)
         actors = [actor_cls.remote(p.device) for _ in shards]
         try:
             gpu_ids = ray.get([a.gpu_ids.remote() for a in actors])
-            ray.get([a.start.remote(job_ref, s) for a, s in zip(actors, shards, strict=True)])
+            ray.get([a.start.remote(job_ref, s, self._threads()) for a, s in zip(actors, shards, strict=True)])
             pending = {a.next.remote(): i for i, a in enumerate(actors)}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -196,7 +198,7 @@ class RayExecutor:
             for a in actors:
                 ray.kill(a)
 
-    def evaluate(self, job: OnlineJob, blocks: list[tuple[Block, Synset]]) -> Iterator[tuple[Block, int]]:
+    def evaluate(self, job: OnlineJob, blocks: list[tuple[Block, torch.Tensor]]) -> Iterator[tuple[Block, int]]:
         p = self.placement
         task = ray.remote(
             num_cpus=p.task_cpus, num_gpus=p.task_gpus, max_retries=TASK_MAX_RETRIES, retry_exceptions=True
@@ -209,8 +211,8 @@ class RayExecutor:
         threads = self._threads()
         while todo or in_flight:
             while todo and len(in_flight) < self.max_in_flight:
-                b, syn = todo.popleft()
-                in_flight[task.remote([job_ref], b, syn, threads)] = b
+                b, weight = todo.popleft()
+                in_flight[task.remote([job_ref], b, weight, threads)] = b
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
                 yield in_flight.pop(ref), ray.get(ref)

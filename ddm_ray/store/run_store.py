@@ -5,7 +5,8 @@
     <out>/test_index.parquet       position, test_id
     <out>/attribution/part-<first>-<last>.parquet   unit_id, objective, delta
     <out>/artifacts/model.pt       final parameters and the trajectory checkpoints
-    <out>/artifacts/synsets/class-<c>.pt            one class shard's synsets
+    <out>/artifacts/distill/<piece>.pt              distillation pieces (subspace, target shards)
+    <out>/artifacts/synset.pt                       every unit's synset
     <out>/validation.json          written by `ddm-ray validate`
 
 Every file is written whole (local: to a temporary name, then renamed; object stores: one PUT),
@@ -157,9 +158,13 @@ class RunStore:
     MODEL = "artifacts/model.pt"
     VALIDATION = "validation.json"
 
+    SYNSET = "artifacts/synset.pt"
+    SUBSPACE = "artifacts/distill/subspace.pt"
+
     @staticmethod
-    def synset_name(class_index: int) -> str:
-        return f"artifacts/synsets/class-{class_index:06d}.pt"
+    def distill_piece(key: str) -> str:
+        """A finished distillation shard (its key names the shard: deterministic, no probing)."""
+        return f"artifacts/distill/{key}.pt"
 
     def write_part(self, first_unit: int, last_unit: int, table: pa.Table) -> str:
         name = part_name(first_unit, last_unit)

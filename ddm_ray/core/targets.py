@@ -1,0 +1,113 @@
+"""Offline leave-one-out targets in the probe subspace: c (U, k) = V^T D_u for every unit.
+
+* unrolled: unrolled SGD influence (Hara et al. 2019) over the whole trajectory, by the adjoint
+  recursion (`core.adjoint`, cost flat in U) or the per-unit forward unroll
+  (`core.displacement`, cost linear in U; cheaper while U < k). Both give the same c.
+* influence: D_u ~ (1/N) (H + damping)^{-1} G_u at theta_final (G_u the unit's summed loss
+  gradient, H the Hessian of the mean training loss plus weight decay), with H restricted to the
+  subspace: H_V = V^T H V (k x k, k Hessian-vector products over the training set), inverted
+  through its eigendecomposition with |eigenvalue| + damping * max|eigenvalue| (saddle-free: a
+  trained network's H has negative directions, where a plain damped inverse blows up). So
+  c_u = (|H_V| + damping)^{-1} V^T G_u / N: k HVPs and one per-sample-gradient pass in all.
+* blend: w * unrolled + (1 - w) * influence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, jvp, vmap
+
+from ddm_ray.config import TrainConfig
+from ddm_ray.core.displacement import unrolled_displacement
+from ddm_ray.core.models import Network, Params, flatten, unflatten
+from ddm_ray.core.probe import per_sample_grads
+
+
+@dataclass
+class InfluencePieces:
+    """What the influence target needs: h (k, k) = V^T H V and g (U, k) = V^T G_u / N."""
+
+    h: torch.Tensor
+    g: torch.Tensor
+
+
+def projected_hessian(
+    net: Network, final: Params, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, weight_decay: float,
+    data_chunk: int = 2048, dir_chunk: int = 32,
+) -> torch.Tensor:
+    """V^T H V (k, k) for the mean training loss (plus weight decay) at final; v (P, k).
+
+    The HVPs run over the training data in chunks (memory: dir_chunk x data_chunk activations)."""
+    flat = flatten(final)
+    n = x.shape[0]
+    hv = torch.zeros(v.shape[1], v.shape[0], dtype=v.dtype, device=v.device)  # (k, P)
+    for i in range(0, n, data_chunk):
+        xb, yb = x[i : i + data_chunk], y[i : i + data_chunk]
+        g_fn = grad(lambda pf, xb=xb, yb=yb: F.cross_entropy(net.logits(unflatten(pf, final), xb), yb, reduction="sum") / n)
+
+        def hvp(t: torch.Tensor, g_fn=g_fn) -> torch.Tensor:  # noqa: ANN001
+            return jvp(g_fn, (flat,), (t,))[1]
+
+        hv += vmap(hvp, chunk_size=dir_chunk)(v.T.contiguous())
+    if weight_decay:
+        hv += weight_decay * v.T
+    h = v.T @ hv.T
+    return 0.5 * (h + h.T)
+
+
+def unit_gradients_projected(
+    net: Network, final: Params, x: torch.Tensor, y: torch.Tensor, unit_of: torch.Tensor, num_units: int,
+    v: torch.Tensor, chunk: int = 512,
+) -> torch.Tensor:
+    """(U, k): V^T G_u / N, G_u the summed loss gradient of unit u's samples (unit_of -1: none)."""
+    n = x.shape[0]
+    out = torch.zeros(num_units + 1, v.shape[1], dtype=v.dtype, device=v.device)
+    idx = torch.where(unit_of < 0, num_units, unit_of).to(v.device)
+    for i in range(0, n, chunk):
+        g = per_sample_grads(net, final, x[i : i + chunk], y[i : i + chunk])
+        out.index_add_(0, idx[i : i + chunk], g @ v)
+    return out[:num_units] / n
+
+
+def influence_pieces(
+    net: Network, final: Params, x: torch.Tensor, y: torch.Tensor, unit_of: torch.Tensor, num_units: int,
+    v: torch.Tensor, weight_decay: float,
+) -> InfluencePieces:
+    return InfluencePieces(
+        projected_hessian(net, final, x, y, v, weight_decay),
+        unit_gradients_projected(net, final, x, y, unit_of, num_units, v),
+    )
+
+
+def influence_target(pieces: InfluencePieces, damping: float) -> torch.Tensor:
+    """c (U, k) = (|H_V| + damping * max|eig|)^{-1} g, solved in float64 (k x k only)."""
+    lam, q = torch.linalg.eigh(pieces.h.double())
+    inv = 1.0 / (lam.abs() + damping * lam.abs().max().clamp_min(1e-30))
+    return (((pieces.g.double() @ q) * inv[None, :]) @ q.T).to(pieces.g.dtype)
+
+
+def forward_unrolled_projected(
+    net: Network, params0: Params, x: torch.Tensor, y: torch.Tensor, unit_of: torch.Tensor, units: range,
+    cfg: TrainConfig, v: torch.Tensor, unroll_epochs: int | None = None,
+) -> torch.Tensor:
+    """(len(units), k): V^T D_u for the units in `units`, by the forward per-unit unroll."""
+    local = torch.full_like(unit_of, len(units))
+    inside = (unit_of >= units.start) & (unit_of < units.stop)
+    local[inside] = unit_of[inside] - units.start
+    d = unrolled_displacement(net, params0, x, y, local.to(x.device), len(units) + 1, cfg, unroll_epochs)
+    flat = torch.cat([t.flatten(1) for t in d.values()], 1)[: len(units)]
+    return flat @ v
+
+
+def blend(unrolled: torch.Tensor | None, influence: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """weight * unrolled + (1 - weight) * influence, or whichever is given."""
+    if unrolled is None and influence is None:
+        raise ValueError("no target to blend")
+    if influence is None:
+        return unrolled  # type: ignore[return-value]
+    if unrolled is None:
+        return influence
+    return weight * unrolled + (1 - weight) * influence
