@@ -17,12 +17,14 @@ def test_batched_equals_loop(arch, shape, steps):
     torch.manual_seed(0)
     net = Network(ModelConfig(arch=arch, hidden=(10,), conv_channels=(3, 4), fc_width=8), shape, 4)
     final = net.init_params(0)
-    u, ipc = 7, 2
+    u, m = 7, 5
+    weight = torch.randn(u, m) * (torch.rand(u, m) > 0.3)  # signed, some samples unused per unit
+    weight[:, 4] = 0  # a sample no unit uses
     syn = Synset(
         unit_ids=torch.arange(u),
-        x=torch.rand(u, ipc, *shape),
-        logits=torch.randn(u, ipc, 4),
-        weight=torch.rand(u, ipc),
+        x=torch.rand(m, *shape),
+        label=torch.softmax(torch.randn(m, 4), -1),
+        weight=weight,
     )
     x_test, y_test = torch.rand(11, *shape), torch.randint(0, 4, (11,))
     names = ("loss", "margin", "correct")
@@ -47,7 +49,7 @@ def _setup_mlp(u=9):
     torch.manual_seed(1)
     net = Network(ModelConfig(hidden=(12,)), (8,), 3)
     final = net.init_params(0)
-    syn = Synset(torch.arange(u), torch.rand(u, 2, 8), torch.randn(u, 2, 3), torch.rand(u, 2))
+    syn = Synset(torch.arange(u), torch.rand(6, 8), torch.softmax(torch.randn(6, 3), -1), torch.randn(u, 6))
     return net, final, syn, torch.rand(13, 8), torch.randint(0, 3, (13,))
 
 
@@ -71,25 +73,33 @@ def test_batch_choice_grows_with_memory_and_stays_bounded():
     assert choose_online_batch(net, final, 1000, 4, 1, 1) == (1, 1)
 
 
-def test_unit_step_scales():
-    """Scales of one reproduce the plain step; a scale of 2 on every tensor doubles the move."""
+def test_one_step_moves_are_linear_in_weights_and_compose():
+    """One step is -lr * weights @ per-sample gradients: equal to fast_learn, additive over units,
+    and a per-unit synset pool (concat) gives each unit only its own samples."""
     from ddm_ray.core.models import flatten
-    from ddm_ray.core.synset import fast_learn
+    from ddm_ray.core.synset import fast_learn, one_step_moves
 
     net, final, syn, xt, yt = _setup_mlp(u=3)
-    n_tensors = len(final)
-    ones = Synset(syn.unit_ids, syn.x, syn.logits, syn.weight, torch.ones(3, 2, n_tensors))
-    names = ("loss", "margin")
-    plain = evaluate_units(net, final, syn, xt, yt, names, 2, 0.3, batch=2)
-    torch.testing.assert_close(evaluate_units(net, final, ones, xt, yt, names, 2, 0.3, batch=2), plain)
-    torch.testing.assert_close(evaluate_units_loop(net, final, ones, xt, yt, names, 2, 0.3), plain)
-    p1 = flatten(fast_learn(net, final, syn.x[0], syn.logits[0], syn.weight[0], 1, 0.3)) - flatten(final)
-    p2 = flatten(fast_learn(net, final, syn.x[0], syn.logits[0], syn.weight[0], 1, 0.3,
-                            scale=torch.full((2, n_tensors), 2.0))) - flatten(final)
-    torch.testing.assert_close(p2, 2 * p1, rtol=1e-4, atol=1e-6)
-    both = Synset.concat([ones.select(slice(0, 1)), ones.select(slice(1, 3))])
-    assert both.scale is not None and both.scale.shape == (3, 2, n_tensors)
-    assert Synset.from_dict(both.to_dict()).scale is not None
+    moves = one_step_moves(net, final, syn.x, syn.label, syn.weight, 0.3, chunk=4)
+    for u in range(3):
+        ref = flatten(fast_learn(net, final, syn.x, syn.label, syn.weight[u], 1, 0.3)) - flatten(final)
+        torch.testing.assert_close(moves[u], ref, rtol=1e-4, atol=1e-6)
+    both = one_step_moves(net, final, syn.x, syn.label, syn.weight[:2].sum(0, keepdim=True), 0.3)
+    torch.testing.assert_close(both[0], moves[0] + moves[1], rtol=1e-4, atol=1e-6)
+    pooled = Synset.concat([syn.select(slice(0, 1)), syn.select(slice(1, 3))])
+    assert pooled.x.shape[0] == 2 * syn.x.shape[0] and pooled.weight.shape == (3, 12)
+    assert bool((pooled.weight[0, 6:] == 0).all()) and bool((pooled.weight[1:, :6] == 0).all())
+    names = ("loss",)
+    torch.testing.assert_close(
+        evaluate_units(net, final, pooled, xt, yt, names, 1, 0.3, batch=2),
+        evaluate_units(net, final, syn, xt, yt, names, 1, 0.3, batch=3),
+        rtol=1e-4, atol=1e-5,
+    )
+    assert Synset.from_dict(pooled.to_dict()).check((8,), 3) is None
+    bad = Synset(syn.unit_ids, syn.x, syn.label, syn.weight.clone())
+    bad.weight[0, 0] = float("nan")
+    assert "non-finite" in (bad.check((8,), 3) or "")
+    assert "shape" in (syn.check((9,), 3) or "")
 
 
 def test_convnet_on_cpu_runs_one_unit_per_pass():

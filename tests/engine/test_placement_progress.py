@@ -9,7 +9,8 @@ import pytest
 from ddm_ray.engine.placement import plan_placement
 from ddm_ray.engine.progress import Progress
 from ddm_ray.errors import ConfigError
-from ddm_ray.pipeline import shard_classes
+from ddm_ray.config import DistillConfig, OnlineConfig, RunConfig
+from ddm_ray.pipeline import plan_shards, split_range, unrolled_solver
 
 
 def test_auto_uses_one_actor_per_gpu_when_the_cluster_has_gpus() -> None:
@@ -29,12 +30,28 @@ def test_cpu_is_honoured_on_a_gpu_cluster_and_cuda_needs_gpus() -> None:
         plan_placement("cuda", 0, 8)
 
 
-def test_class_shards_balance_sample_counts() -> None:
-    sizes = [50, 40, 30, 30, 20, 10]
-    shards = shard_classes(sizes, 2)
-    loads = sorted(sum(sizes[c] for c in s) for s in shards)
-    assert sorted(c for s in shards for c in s) == list(range(6))
-    assert loads == [90, 90]
+def test_split_range_covers_once_with_near_equal_parts():
+    for n, parts, min_size in [(10, 3, 1), (128, 7, 8), (5, 9, 1), (20, 4, 8), (1, 4, 1)]:
+        ranges = split_range(n, parts, min_size)
+        covered = [i for a, b in ranges for i in range(a, b)]
+        assert covered == list(range(n))
+        sizes = [b - a for a, b in ranges]
+        assert len(ranges) <= parts and max(sizes) - min(sizes) <= 1
+        assert len(ranges) == 1 or min(sizes) >= min_size
+
+
+def test_shards_use_any_number_of_workers_and_follow_the_solver():
+    cfg = RunConfig()  # basis, blend, auto solver
+    assert unrolled_solver("auto", 80, 128) == "forward" and unrolled_solver("auto", 1000, 128) == "adjoint"
+    cols = plan_shards(cfg, 1000, 10, 128, 13)
+    assert {s.kind for s in cols} == {"columns"} and len(cols) == 13
+    assert [i for s in cols for i in range(s.lo, s.hi)] == list(range(128))
+    units = plan_shards(cfg, 80, 10, 128, 3)
+    assert {s.kind for s in units} == {"units"} and sum(s.hi - s.lo for s in units) == 80
+    assert len({s.key for s in cols + units}) == len(cols) + len(units)
+    assert plan_shards(RunConfig(distill=DistillConfig(target="influence")), 80, 10, 128, 4) == []
+    paper = RunConfig(distill=DistillConfig(method="literal"), online=OnlineConfig(steps=2))
+    assert [(s.kind, s.lo, s.hi) for s in plan_shards(paper, 80, 10, 0, 4)][0][0] == "classes"
 
 
 def test_progress_log_lines_when_not_a_terminal() -> None:
