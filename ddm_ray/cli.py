@@ -71,7 +71,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clusters-per-class", type=int, default=u.clusters_per_class, help="K units per class")
     g.add_argument("--unit-features", default=u.features, help="input | penultimate (k-means space)")
     g.add_argument("--distill-method", default=s.method, help="basis (default) | soft_label | literal")
-    g.add_argument("--target", default=s.target, help="basis target: blend (default) | unrolled | influence")
+    g.add_argument("--target", default=s.target, help="basis target: unrolled (default) | influence | blend")
     g.add_argument("--target-solver", default=s.target_solver,
                    help="unrolled target: auto (default) | adjoint (cost flat in units) | forward")
     g.add_argument("--probe-samples", type=int, default=s.probe_samples,

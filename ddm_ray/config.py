@@ -128,7 +128,7 @@ class DistillConfig:
     """
 
     method: str = field(default="basis", metadata={"help": "basis | soft_label | literal"})
-    target: str = field(default="blend", metadata={"help": "basis: unrolled | influence | blend"})
+    target: str = field(default="unrolled", metadata={"help": "basis: unrolled | influence | blend"})
     target_solver: str = field(
         default="auto",
         metadata={"help": "unrolled target: adjoint (cost flat in units) | forward (per unit) | auto"},
@@ -141,7 +141,7 @@ class DistillConfig:
         default=0.5, metadata={"help": "basis: probe gradients divided by their norm ** this"}
     )
     ridge: float = field(
-        default=1e-4, metadata={"help": "basis: shrinkage of weak probe directions (x largest)"}
+        default=1e-3, metadata={"help": "basis: shrinkage of weak probe directions (x largest)"}
     )
     influence_damping: float = field(
         default=0.005, metadata={"help": "influence: damping relative to the largest curvature"}
