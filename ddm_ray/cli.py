@@ -231,6 +231,35 @@ def cmd_bench_fidelity(a: argparse.Namespace) -> int:
     return 0
 
 
+def add_scaling_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `ddm-ray bench scaling` (the run options above fix model, training and DDM)."""
+    from ddm_ray.bench.scaling import ScalingConfig
+
+    d = ScalingConfig()
+    g = p.add_argument_group("scaling benchmark")
+    g.add_argument("--unit-counts", type=_shape, default=d.units, help="unit counts U, e.g. 100,300,1000")
+    g.add_argument("--synthetic-train", type=int, default=d.train, help="synthetic training samples")
+    g.add_argument("--synthetic-test", type=int, default=d.test, help="synthetic test samples")
+    g.add_argument("--synthetic-features", type=int, default=d.features, help="synthetic input features")
+    g.add_argument("--validate-units", type=int, default=d.validate_units, help="units retrained exactly per U")
+    g.add_argument("--no-plots", action="store_true")
+
+
+def cmd_bench_scaling(a: argparse.Namespace) -> int:
+    from ddm_ray.bench.scaling import ScalingConfig, run_scaling
+
+    cfg, exe = configs_from_args(a)
+    bench = ScalingConfig(
+        units=tuple(a.unit_counts), train=a.synthetic_train, test=a.synthetic_test,
+        features=a.synthetic_features, validate_units=a.validate_units, seed=cfg.train.seed,
+    )
+    os.makedirs(a.out, exist_ok=True)
+    run_scaling(cfg, bench, a.out, engine=exe.engine, num_cpus=exe.num_cpus, plots=not a.no_plots, log=_logger(a.quiet))
+    print(open(os.path.join(a.out, "report.md")).read())
+    print(f"wrote {a.out}/scaling.json and report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddm-ray", description="Distilled Datamodel attribution: which training data drive which predictions.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -259,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(bf)
     add_bench_arguments(bf)
     bf.set_defaults(func=cmd_bench_fidelity, out="./bench-out")
+    bs = bsub.add_parser("scaling", help="whole-run cost vs retraining every unit as the number of units grows")
+    add_run_arguments(bs)
+    add_scaling_arguments(bs)
+    bs.set_defaults(func=cmd_bench_scaling, out="./bench-scaling", epochs=10)
     return p
 
 

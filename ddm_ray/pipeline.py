@@ -408,9 +408,11 @@ def distill_synsets(
     save: SavePiece | None = None,
     log: Callable[[str], None] | None = None,
     timings: dict[str, float] | None = None,
+    info: dict[str, Any] | None = None,
 ) -> Synset:
     """Every unit's synset. Shards run through `distill` (an executor's); finished pieces are
-    saved with `save` and, on resume, reloaded with `load` instead of being recomputed."""
+    saved with `save` and, on resume, reloaded with `load` instead of being recomputed. `info`
+    receives what was done (method, target, solver, subspace rank, shards) for the manifest."""
     ds, d = off.dataset, cfg.distill
     log = log or (lambda msg: None)
     load = load or (lambda key: None)
@@ -430,6 +432,12 @@ def distill_synsets(
         pieces = InfluencePieces(state["h"], state["g"]) if "h" in state else None
     rank = 0 if basis is None else basis.rank
     shards = plan_shards(cfg, off.units.num_units, ds.num_classes, rank, n_shards)
+    if info is not None:
+        info.update({"method": d.method, "shards": len(shards)})
+        if basis is not None:
+            info.update({"target": d.target, "probe_samples": int(basis.index.numel()), "probe_rank": rank,
+                         "solver": None if d.target == "influence"
+                         else unrolled_solver(d.target_solver, off.units.num_units, rank)})
     log(memory_estimate(cfg, off, rank, shards) + f"; {len(shards)} shard(s)")
     have = {sh.key: got for sh in shards if (got := load(sh.key)) is not None}
     missing = [sh for sh in shards if sh.key not in have]
@@ -490,6 +498,7 @@ class Run:
         self.manifest: dict[str, Any] = {}
         self.online_batch: int | None = exe.online_batch
         self.fingerprint: str | None = None
+        self.distillation: dict[str, Any] = {}
 
     def _stage(self, name: str, t0: float) -> None:
         self.timings[name] = round(time.perf_counter() - t0, 3)
@@ -505,6 +514,7 @@ class Run:
             "versions": versions(),
             "timings_seconds": self.timings,
             "counts": counts,
+            "distillation": self.distillation,
             "execution": {
                 "engine": self.exe.engine,
                 "online_batch": self.online_batch,
@@ -575,7 +585,9 @@ class Run:
         def save(key: str, piece: dict[str, torch.Tensor]) -> None:
             self.store.write_torch(RunStore.distill_piece(key), piece)
 
-        syn = distill_synsets(self.cfg, off, self.executor.distill, n_shards, load, save, self.log, self.timings)
+        syn = distill_synsets(
+            self.cfg, off, self.executor.distill, n_shards, load, save, self.log, self.timings, self.distillation
+        )
         self.store.write_torch(RunStore.SYNSET, syn.to_dict())
         self._stage("distill", t0)
         return syn
