@@ -14,7 +14,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +46,8 @@ from ddm_ray.data import Dataset, load_dataset
 from ddm_ray.errors import InputError, NonFiniteError, RunStateError
 from ddm_ray.store.run_store import TEST_INDEX_SCHEMA, UNITS_SCHEMA, RunStore, part_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shared-pool synsets (artifacts/synset.pt), distillation pieces
+T = TypeVar("T")
 
 
 # ---- shared context ---------------------------------------------------------------------------
@@ -118,10 +119,12 @@ def plan_shards(cfg: RunConfig, num_units: int, num_classes: int, rank: int, wor
 
 
 def unrolled_solver(choice: str, num_units: int, rank: int) -> str:
-    """auto: the forward unroll costs one HVP per unit and step, the adjoint one per direction."""
+    """auto: the forward unroll costs one HVP per unit and step plus a per-sample-gradient pass, the
+    adjoint one fused pass per direction; measured on 2 CPU cores (MLP, P = 21k, batch 100), the
+    forward unroll is the cheaper only below about half as many units as directions."""
     if choice != "auto":
         return choice
-    return "forward" if num_units < rank else "adjoint"
+    return "forward" if 2 * num_units < rank else "adjoint"
 
 
 @dataclass
@@ -288,28 +291,51 @@ class Executor(Protocol):
         self, job: OnlineJob, blocks: list[tuple[Block, torch.Tensor]]
     ) -> Iterator[tuple[Block, int]]: ...
 
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args, device=...) where one-process heavy work belongs (training, k-means, the
+        probe subspace): a GPU worker when the cluster has GPUs, else this process."""
+        ...
+
     def describe(self) -> dict[str, Any]: ...
 
 
 # ---- offline stage ------------------------------------------------------------------------------
-def train_offline(cfg: RunConfig, dataset: Dataset) -> Offline:
+def train_and_units(cfg: RunConfig, dataset: Dataset, device: str = "cpu") -> tuple[Params, Trajectory, Units]:
+    """Train with a trajectory and split the classes into units, on `device`; CPU tensors out."""
+    dev = torch.device(device)
     net = Network(cfg.model, dataset.input_shape, dataset.num_classes)
-    params0 = net.init_params(cfg.train.seed)
-    traj = train(net, params0, dataset.x_train, dataset.y_train, cfg.train)
+    net.module.to(dev)
+    params0 = {k: v.to(dev) for k, v in net.init_params(cfg.train.seed).items()}
+    x, y = dataset.x_train.to(dev), dataset.y_train.to(dev)
+    traj = train(net, params0, x, y, cfg.train)
     if not all(bool(torch.isfinite(v).all()) for v in traj.final.values()):
         raise NonFiniteError(
             "training: the model diverged (non-finite parameters); lower --lr or normalise the inputs"
         )
     if cfg.units.features == "penultimate":
         with torch.no_grad():
-            feats = net.features(traj.final, dataset.x_train)
+            feats = net.features(traj.final, x)
     else:
-        feats = dataset.x_train.reshape(dataset.x_train.shape[0], -1)
+        feats = x.reshape(x.shape[0], -1)
     units = make_units(
         feats, dataset.y_train, dataset.num_classes, cfg.units.clusters_per_class,
         cfg.units.kmeans_iters, cfg.units.seed, class_names=dataset.classes,
     )
-    return Offline(dataset, net, params0, traj, units)
+
+    def cpu(p: Params) -> Params:
+        return {k: v.cpu() for k, v in p.items()}
+
+    traj = Trajectory(
+        [cpu(p) for p in traj.checkpoints], traj.steps_per_epoch,
+        None if traj.velocities is None else [cpu(p) for p in traj.velocities],
+    )
+    return cpu(params0), traj, units
+
+
+def train_offline(cfg: RunConfig, dataset: Dataset, device: str = "cpu") -> Offline:
+    """The offline stage's first half (see `train_and_units`) as an `Offline`."""
+    params0, traj, units = train_and_units(cfg, dataset, device)
+    return Offline(dataset, Network(cfg.model, dataset.input_shape, dataset.num_classes), params0, traj, units)
 
 
 def units_table(off: Offline) -> pa.Table:
@@ -378,19 +404,29 @@ def memory_estimate(cfg: RunConfig, off: Offline, rank: int, shards: list[Shard]
     return f"distill memory estimate: {subspace / 2**20:.0f} MiB (subspace), {shard / 2**20:.0f} MiB per shard"
 
 
-def subspace_of(cfg: RunConfig, off: Offline) -> dict[str, torch.Tensor]:
-    """The probe subspace, and the influence target's pieces when the target needs them."""
+def subspace_of(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The probe subspace, and the influence target's pieces when the target needs them, computed
+    on `device`; CPU tensors out."""
     d, ds = cfg.distill, off.dataset
+    dev = torch.device(device)
+    net = Network(cfg.model, ds.input_shape, ds.num_classes)
+    net.module.to(dev)
+    final = {k: v.to(dev) for k, v in off.traj.final.items()}
+    x, y = ds.x_train.to(dev), ds.y_train.to(dev)
     index = select_probes(ds.y_train, ds.num_classes, d.probe_samples, d.seed)
-    basis = probe_basis(off.net, off.traj.final, ds.x_train, ds.y_train, index, d.probe_rank, d.probe_norm)
+    basis = probe_basis(net, final, x, y, index, d.probe_rank, d.probe_norm)
     state = {"index": basis.index, "v": basis.v, "coef": basis.coef, "lam": basis.lam}
     if d.target in ("influence", "blend"):
         pieces = influence_pieces(
-            off.net, off.traj.final, ds.x_train, ds.y_train, off.units.unit_of, off.units.num_units,
-            basis.v, cfg.train.weight_decay,
+            net, final, x, y, off.units.unit_of.to(dev), off.units.num_units, basis.v, cfg.train.weight_decay,
         )
         state.update({"h": pieces.h, "g": pieces.g})
-    return state
+    return {k: v.cpu() for k, v in state.items()}
+
+
+def call_here(fn: Callable[..., T], *args: Any) -> T:
+    """Run fn(*args, device="cpu") in this process: the default `call` of `distill_synsets`."""
+    return fn(*args, device="cpu")
 
 
 def _check_piece(key: str, piece: dict[str, torch.Tensor]) -> None:
@@ -409,10 +445,12 @@ def distill_synsets(
     log: Callable[[str], None] | None = None,
     timings: dict[str, float] | None = None,
     info: dict[str, Any] | None = None,
+    call: Callable[..., Any] = call_here,
 ) -> Synset:
     """Every unit's synset. Shards run through `distill` (an executor's); finished pieces are
     saved with `save` and, on resume, reloaded with `load` instead of being recomputed. `info`
-    receives what was done (method, target, solver, subspace rank, shards) for the manifest."""
+    receives what was done (method, target, solver, subspace rank, shards) for the manifest.
+    `call(fn, *args)` runs the one-process subspace stage (an executor's: on a GPU when there is one)."""
     ds, d = off.dataset, cfg.distill
     log = log or (lambda msg: None)
     load = load or (lambda key: None)
@@ -422,7 +460,7 @@ def distill_synsets(
         state = load("subspace")
         if state is None:
             t0 = time.perf_counter()
-            state = subspace_of(cfg, off)
+            state = call(subspace_of, cfg, off)
             _check_piece("subspace", state)
             save("subspace", state)
             if timings is not None:
@@ -549,7 +587,8 @@ class Run:
             self.log("resume: reusing the trained model and units")
             return Offline(dataset, net, state["params0"], traj, units)
         t0 = time.perf_counter()
-        off = train_offline(self.cfg, dataset)
+        params0, traj, units = self.executor.call(train_and_units, self.cfg, dataset)
+        off = Offline(dataset, Network(self.cfg.model, dataset.input_shape, dataset.num_classes), params0, traj, units)
         self._stage("train_and_units", t0)
         # the tables first: a resume that finds the model takes the tables as written too
         self.store.write_table(RunStore.UNITS, units_table(off))
@@ -586,7 +625,8 @@ class Run:
             self.store.write_torch(RunStore.distill_piece(key), piece)
 
         syn = distill_synsets(
-            self.cfg, off, self.executor.distill, n_shards, load, save, self.log, self.timings, self.distillation
+            self.cfg, off, self.executor.distill, n_shards, load, save, self.log, self.timings, self.distillation,
+            call=self.executor.call,
         )
         self.store.write_torch(RunStore.SYNSET, syn.to_dict())
         self._stage("distill", t0)

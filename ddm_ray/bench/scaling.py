@@ -77,24 +77,32 @@ def synthetic_data(cfg: ScalingConfig, folder: str) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; else the lifetime peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 class _PeakMemory:
     """Peak resident memory of this process while the block runs (sampled)."""
 
     def __init__(self, interval_s: float = 0.05) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
 
     def _run(self, interval_s: float) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self.peak = max(self.peak, _rss_bytes())
             time.sleep(interval_s)
 
     def __enter__(self) -> _PeakMemory:
-        self.peak = self._proc.memory_info().rss
+        self.peak = _rss_bytes()
         self._thread.start()
         return self
 

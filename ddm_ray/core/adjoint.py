@@ -16,7 +16,8 @@ the adjoint state (A, B) (both (P, k)) starts at (V, 0) after the last step and,
 
     Z = lr A - B;   c_u += Z^T s_t(u);   A <- A - H'_t Z;   B <- -mu Z.
 
-Cost per step: k HVPs on the batch plus one per-sample-gradient pass over it, whatever U is.
+Cost per step: k forward-over-reverse passes on the batch (each gives one HVP and the k-th
+column of every sample's directional derivative at once), whatever U is.
 The parameters theta_t are recomputed epoch by epoch from the per-epoch checkpoints.
 """
 
@@ -25,25 +26,39 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.func import grad, jvp, vmap
 
 from ddm_ray.config import TrainConfig
-from ddm_ray.core.models import Network, Params, flatten, unflatten
-from ddm_ray.core.probe import per_sample_grads
-from ddm_ray.core.training import Trajectory, batch_loss, batch_schedule, replay_epoch
+from ddm_ray.core.models import Network, Params, unflatten
+from ddm_ray.core.training import Trajectory, batch_schedule, replay_epoch
 
 
-def _batch_hvp(
+def _hvp_and_directional(
     net: Network, theta: Params, xb: torch.Tensor, yb: torch.Tensor, nominal: int, chunk: int
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Z (k, P) -> H_t Z (k, P): Hessian of the batch loss at theta, vmapped over rows."""
-    flat = flatten(theta)
-    g_fn = grad(lambda pf: batch_loss(net, unflatten(pf, theta), xb, yb, nominal))
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Z (k, P) -> (H_t Z (k, P), Z G_t^T / B (k, b)) in ONE forward-over-reverse pass per direction.
 
-    def hvp(v: torch.Tensor) -> torch.Tensor:
-        return jvp(g_fn, (flat,), (v,))[1]
+    The batch loss is the sum of per-sample losses l_i / B; differentiating it with the per-sample
+    losses as auxiliary output and pushing a tangent z through gives both the Hessian-vector
+    product and every sample's directional derivative grad l_i . z / B, so no per-sample gradient
+    matrix (b x P) is ever formed."""
 
-    return lambda z: vmap(hvp, chunk_size=chunk)(z)
+    def loss_and_terms(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        per = F.cross_entropy(net.logits(p, xb), yb, reduction="none") / nominal
+        return per.sum(), per
+
+    g_fn = grad(loss_and_terms, has_aux=True)
+
+    def both(t: Params) -> tuple[Params, torch.Tensor]:
+        _, (hz, dper) = jvp(g_fn, (theta,), (t,))
+        return hz, dper
+
+    def run(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hz, dper = vmap(both, chunk_size=chunk)(unflatten(z, theta))
+        return torch.cat([v.reshape(z.shape[0], -1) for v in hz.values()], 1), dper
+
+    return run
 
 
 def adjoint_unrolled(
@@ -56,7 +71,7 @@ def adjoint_unrolled(
     cfg: TrainConfig,
     directions: torch.Tensor,
     unroll_epochs: int | None = None,
-    chunk: int = 64,
+    chunk: int = 128,
     on_epoch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """c (U, k) = V^T D_u for every unit, with V = directions (P, k).
@@ -80,10 +95,8 @@ def adjoint_unrolled(
             batch = batch.to(dev)
             nominal = batch.numel()
             z = cfg.lr * a - b  # (k, P)
-            xb, yb = x[batch], y[batch]
-            g = per_sample_grads(net, theta, xb, yb)  # (b, P)
-            c.index_add_(0, unit_of[batch], (g @ z.T) / nominal)
-            hz = _batch_hvp(net, theta, xb, yb, nominal, chunk)(z)
+            hz, dper = _hvp_and_directional(net, theta, x[batch], y[batch], nominal, chunk)(z)
+            c.index_add_(0, unit_of[batch], dper.T)  # s_t(u) . z for every unit at once
             if cfg.weight_decay:
                 hz = hz + cfg.weight_decay * z
             a = a - hz

@@ -320,8 +320,10 @@ def influence_displacement(
     "abs" with V (|Lambda| + damping) V^T from the eigendecomposition (saddle-free: a trained
     network's H has negative eigenvalues, where the plain damped solve blows up).
     `hess` (P, P) reuses a Hessian computed before (its cost is then not counted here).
-    P > max_exact: batched conjugate gradient on Hessian-vector products with H + damping I (that
-    must be positive definite there: raise damping if it is not).
+    P > max_exact (the dense Hessian does not fit): batched conjugate gradient. Curvature "abs"
+    then uses the Gauss-Newton matrix (positive semi-definite, the usual large-model stand-in for
+    the saddle-free |H|) plus damping; "damped" uses H + damping I, which must be positive definite
+    (raise damping if the solve does not converge).
     """
     if curvature not in ("damped", "abs"):
         raise ValueError(f"curvature must be damped or abs, got {curvature!r}")
@@ -347,13 +349,43 @@ def influence_displacement(
     elif lu is not None:
         disp = torch.linalg.lu_solve(lu[0], lu[1], g.double().T).T.float()
     else:
-        g_fn = grad(_mean_loss_fn(inp))
+        if curvature == "abs":
+            mvp = gauss_newton_vp(inp)
+        else:
+            g_fn = grad(_mean_loss_fn(inp))
 
-        def hvp(v: torch.Tensor) -> torch.Tensor:
-            return jvp(g_fn, (theta,), (v,))[1]
+            def mvp(v: torch.Tensor) -> torch.Tensor:
+                return jvp(g_fn, (theta,), (v,))[1]
 
-        disp = conjugate_gradient(lambda v: vmap(hvp)(v) + damping * v, g, iters=cg_iters)
+        disp = conjugate_gradient(lambda v: vmap(mvp)(v) + damping * v, g, iters=cg_iters)
+        if not bool(torch.isfinite(disp).all()):
+            raise ValueError("influence: conjugate gradient diverged (the damped Hessian is indefinite); "
+                             "raise the damping or use curvature abs")
     return disp, offline, time.perf_counter() - t0
+
+
+def gauss_newton_vp(inp: PeerInputs):  # noqa: ANN201 - a closure over flat params
+    """v (P,) -> G v, G = (1/N) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i + wd I: the Gauss-Newton
+    matrix of the mean cross-entropy at theta_final (J_i the logits' Jacobian), PSD by construction."""
+    like = inp.final
+    theta = flatten(like)
+    n = inp.x_train.shape[0]
+    wd = inp.train_cfg.weight_decay
+
+    def logits(pf: torch.Tensor) -> torch.Tensor:
+        return inp.net.logits(unflatten(pf, like), inp.x_train)
+
+    with torch.no_grad():
+        prob = torch.softmax(logits(theta), -1)  # (N, C)
+
+    def gvp(v: torch.Tensor) -> torch.Tensor:
+        _, jv = jvp(logits, (theta,), (v,))  # (N, C)
+        hjv = prob * jv - prob * (prob * jv).sum(-1, keepdim=True)
+        _, back = torch.func.vjp(logits, theta)
+        out = back(hjv)[0] / n
+        return out + wd * v if wd else out
+
+    return gvp
 
 
 def influence(

@@ -44,11 +44,11 @@ def kmeans(feats: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
     d2 = ((feats - centres[0]) ** 2).sum(1)
     for _ in range(1, k):
         probs = d2 / d2.sum() if d2.sum() > 0 else torch.full((n,), 1.0 / n, dtype=feats.dtype)
-        nxt = int(torch.multinomial(probs, 1, generator=gen))
+        nxt = int(torch.multinomial(probs.cpu(), 1, generator=gen))  # the seeded draw on the CPU
         centres.append(feats[nxt])
         d2 = torch.minimum(d2, ((feats - feats[nxt]) ** 2).sum(1))
     c = torch.stack(centres)
-    assign = torch.zeros(n, dtype=torch.long)
+    assign = torch.zeros(n, dtype=torch.long, device=feats.device)
     for _ in range(iters):
         dist = torch.cdist(feats, c)
         assign = dist.argmin(1)
@@ -62,7 +62,7 @@ def kmeans(feats: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
         if torch.allclose(new_c, c):
             break
         c = new_c
-    return assign
+    return assign.cpu()
 
 
 def make_units(
@@ -75,6 +75,7 @@ def make_units(
     class_names: list[int] | None = None,
 ) -> Units:
     """Cluster each class of feats (N, d) with labels y (N,) into k units."""
+    y = y.cpu()
     unit_of = torch.empty(y.shape[0], dtype=torch.long)
     for c in range(num_classes):
         idx = torch.nonzero(y == c).flatten()
@@ -83,6 +84,6 @@ def make_units(
                 f"class {class_names[c] if class_names else c} has {idx.numel()} training samples, fewer than "
                 f"--clusters-per-class {k}"
             )
-        unit_of[idx] = c * k + kmeans(feats[idx], k, iters, seed + c)
+        unit_of[idx] = c * k + kmeans(feats[idx.to(feats.device)], k, iters, seed + c)
     label = torch.arange(num_classes).repeat_interleave(k)
     return Units(unit_of=unit_of, label=label)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 
 from ddm_ray.engine import faults
 from ddm_ray.pipeline import Block, DistillJob, OnlineJob, Shard, distill_shard, online_context, run_block
+
+T = TypeVar("T")
 
 
 class LocalExecutor:
@@ -28,6 +30,9 @@ class LocalExecutor:
         for block, weight in blocks:
             faults.before_block(block.first, block.last)  # test-only hook, inert in normal runs
             yield block, run_block(job, block, weight, ctx)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args, device=self.device)
 
     def describe(self) -> dict[str, Any]:
         return {"executor": "local", "device": self.device}

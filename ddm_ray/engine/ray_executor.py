@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import ray
 import torch
@@ -39,6 +39,7 @@ from ddm_ray.pipeline import (
 )
 
 TASK_MAX_RETRIES = 3
+T = TypeVar("T")
 WARM_HOLD_S = 3600.0  # a warm task gives its worker back after this long even if no online stage opens the gate
 
 
@@ -92,6 +93,11 @@ def online_block_task(job_box: list[ray.ObjectRef], block: Block, weight: torch.
     return run_block(job, block, weight, ctx)
 
 
+def _gpu_call(fn: Callable[..., Any], device: str, *args: Any) -> tuple[Any, list[Any]]:
+    """A `call` as a Ray task on a GPU worker; also says which GPUs it held."""
+    return fn(*args, device=device), list(ray.get_gpu_ids())
+
+
 class _Gate:
     """Holds the warm tasks until the online stage begins."""
 
@@ -133,6 +139,7 @@ class RayExecutor:
         self.max_in_flight = max_in_flight or 2 * self.task_slots
         self.actor_gpu_ids: dict[str, list[Any]] = {}  # piece key -> GPU ids of the actor that made it
         self.retried_blocks = 0
+        self.call_gpu_ids: list[list[Any]] = []  # GPU ids held by each `call` task
         self._gate: Any = None
         self._warm: list[Any] = []
 
@@ -216,6 +223,17 @@ class RayExecutor:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
                 yield in_flight.pop(ref), ray.get(ref)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """On a GPU cluster: one task holding a GPU (training, k-means and the probe subspace then
+        run there, not on the driver's CPU). Without GPUs: in the driver, which is a CPU like any."""
+        p = self.placement
+        if not p.actor_gpus:
+            return fn(*args, device=p.device)
+        task = ray.remote(num_cpus=1, num_gpus=p.actor_gpus, max_retries=TASK_MAX_RETRIES)(_gpu_call)
+        result, gpu_ids = ray.get(task.remote(fn, p.device, *args))
+        self.call_gpu_ids.append(gpu_ids)
+        return result
 
     def describe(self) -> dict[str, Any]:
         return {"executor": "ray", "task_slots": self.task_slots, "max_in_flight": self.max_in_flight,

@@ -42,12 +42,12 @@ def test_split_range_covers_once_with_near_equal_parts():
 
 def test_shards_use_any_number_of_workers_and_follow_the_solver():
     cfg = RunConfig()  # basis, blend, auto solver
-    assert unrolled_solver("auto", 80, 128) == "forward" and unrolled_solver("auto", 1000, 128) == "adjoint"
+    assert unrolled_solver("auto", 50, 128) == "forward" and unrolled_solver("auto", 1000, 128) == "adjoint"
     cols = plan_shards(cfg, 1000, 10, 128, 13)
     assert {s.kind for s in cols} == {"columns"} and len(cols) == 13
     assert [i for s in cols for i in range(s.lo, s.hi)] == list(range(128))
-    units = plan_shards(cfg, 80, 10, 128, 3)
-    assert {s.kind for s in units} == {"units"} and sum(s.hi - s.lo for s in units) == 80
+    units = plan_shards(cfg, 50, 10, 128, 3)
+    assert {s.kind for s in units} == {"units"} and sum(s.hi - s.lo for s in units) == 50
     assert len({s.key for s in cols + units}) == len(cols) + len(units)
     assert plan_shards(RunConfig(distill=DistillConfig(target="influence")), 80, 10, 128, 4) == []
     paper = RunConfig(distill=DistillConfig(method="literal"), online=OnlineConfig(steps=2))
