@@ -1,6 +1,7 @@
 """Benchmark (not a test): online-stage rows/s against the number of units fine-tuned per pass.
 
-For each model and each online batch B, evaluates U units (one synset of IPC samples each) over
+For each model and each online batch B, evaluates U units (synsets weighting a shared pool of
+--pool synthetic samples, as the default basis distillation ships them) over
 N test samples with `core.online.evaluate_units` and reports rows/s (one row = one unit and one
 objective, 3 objectives), the ratio to B = 1, and peak memory (CPU: max RSS of a fresh
 subprocess per configuration; CUDA: torch.cuda.max_memory_allocated). On CUDA it also reports the
@@ -34,17 +35,14 @@ NAMES = ("loss", "margin", "correct")
 PEAK_TFLOPS = {"H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}, "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}}
 
 
-def _setup(arch: str, shape: tuple[int, ...], units: int, n_test: int, ipc: int, dev: torch.device,
-           scales: bool = True):
+def _setup(arch: str, shape: tuple[int, ...], units: int, n_test: int, pool: int, dev: torch.device):
     torch.manual_seed(0)
     net = Network(ModelConfig(arch=arch), shape, 10)
     net.module.to(dev)
     final = {k: v.to(dev) for k, v in net.init_params(0).items()}
     syn = Synset(
-        torch.arange(units), torch.rand(units, ipc, *shape, device=dev),
-        torch.randn(units, ipc, 10, device=dev), torch.rand(units, ipc, device=dev) * 0.1,
-        # the default distillation ships per-layer step scales; --no-scales measures plain synsets
-        torch.ones(units, ipc, len(final), device=dev) if scales else None,
+        torch.arange(units), torch.rand(pool, *shape, device=dev),
+        torch.softmax(torch.randn(pool, 10, device=dev), -1), torch.randn(units, pool, device=dev) * 0.01,
     )
     return net, final, syn, torch.rand(n_test, *shape, device=dev), torch.randint(0, 10, (n_test,), device=dev)
 
@@ -55,16 +53,16 @@ def _flops_per_unit(net: Network, final, syn: Synset, x_test: torch.Tensor) -> f
     from ddm_ray.core.synset import fast_learn
 
     with FlopCounterMode(display=False) as fc:
-        p = fast_learn(net, final, syn.x[0], syn.logits[0], syn.weight[0], 1, 0.1)
+        p = fast_learn(net, final, syn.x, syn.label, syn.weight[0], 1, 0.1)
         with torch.no_grad():
             net.logits(p, x_test)
     return float(fc.get_total_flops())
 
 
-def measure(arch: str, shape: tuple[int, ...], batch: int, units: int, n_test: int, ipc: int,
-            device: str, precision: str, repeats: int, scales: bool = True) -> dict:
+def measure(arch: str, shape: tuple[int, ...], batch: int, units: int, n_test: int, pool: int,
+            device: str, precision: str, repeats: int) -> dict:
     dev = torch.device(device)
-    net, final, syn, xt, yt = _setup(arch, shape, units, n_test, ipc, dev, scales)
+    net, final, syn, xt, yt = _setup(arch, shape, units, n_test, pool, dev)
     evaluate_units(net, final, syn.select(slice(0, min(units, batch))), xt, yt, NAMES, 1, 0.1, batch=batch,
                    precision=precision)  # warm-up
     if dev.type == "cuda":
@@ -79,8 +77,8 @@ def measure(arch: str, shape: tuple[int, ...], batch: int, units: int, n_test: i
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     res = {
-        "arch": arch, "shape": list(shape), "batch": batch, "units": units, "n_test": n_test, "ipc": ipc,
-        "device": device, "precision": precision, "layer_scales": scales, "seconds": best,
+        "arch": arch, "shape": list(shape), "batch": batch, "units": units, "n_test": n_test, "pool": pool,
+        "device": device, "precision": precision, "seconds": best,
         "rows_per_s": units * len(NAMES) / best, "units_per_s": units / best,
     }
     if dev.type == "cuda":
@@ -110,10 +108,9 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32")
     p.add_argument("--units", type=int, default=256)
     p.add_argument("--n-test", type=int, default=597)
-    p.add_argument("--ipc", type=int, default=4)
+    p.add_argument("--pool", type=int, default=1024, help="synthetic samples shared by the synsets")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-scales", action="store_true", help="synsets without per-layer step scales")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -121,8 +118,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     if a.single:  # one configuration in this (fresh) process, for a clean peak RSS
         arch, shape, batch, precision = json.loads(a.single)
-        print(json.dumps(measure(arch, tuple(shape), batch, a.units, a.n_test, a.ipc, a.device, precision, a.repeats,
-                                 not a.no_scales)))
+        print(json.dumps(measure(arch, tuple(shape), batch, a.units, a.n_test, a.pool, a.device, precision, a.repeats)))
         return
     results = []
     for arch in a.archs.split(","):
@@ -132,16 +128,13 @@ def main() -> None:
             for b in (int(x) for x in a.batches.split(",")):
                 if a.device == "cpu":
                     cmd = [sys.executable, __file__, "--single", json.dumps([arch, list(shape), b, precision]),
-                           "--units", str(a.units), "--n-test", str(a.n_test), "--ipc", str(a.ipc),
+                           "--units", str(a.units), "--n-test", str(a.n_test), "--pool", str(a.pool),
                            "--repeats", str(a.repeats), "--device", a.device]
                     if a.threads:
                         cmd += ["--threads", str(a.threads)]
-                    if a.no_scales:
-                        cmd += ["--no-scales"]
                     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
                 else:
-                    r = measure(arch, shape, b, a.units, a.n_test, a.ipc, a.device, precision, a.repeats,
-                                not a.no_scales)
+                    r = measure(arch, shape, b, a.units, a.n_test, a.pool, a.device, precision, a.repeats)
                 base = base or r["rows_per_s"]
                 r["speedup_vs_first_batch"] = r["rows_per_s"] / base
                 results.append(r)
@@ -154,7 +147,7 @@ def main() -> None:
                 print(f"{arch:8s} {precision:5s} B={b:5d}  {r['rows_per_s']:10.1f} rows/s  x{r['speedup_vs_first_batch']:5.2f}  "
                       f"peak {mem:8.1f} MB{extra}", flush=True)
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"online_batch-{a.device}{'-noscales' if a.no_scales else ''}.json")
+    path = os.path.join(a.out, f"online_batch-{a.device}.json")
     with open(path, "w") as f:
         json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, f, indent=2)
     print(f"wrote {path}")

@@ -171,7 +171,7 @@ def measure(units: int, num_cpus: int, work: Path, block_units: int) -> dict[str
     result["ray_overhead_pct"] = round(100 * (1 - result["ray"]["rows_per_s"] / base), 1)  # type: ignore[index]
     result["ray_nice0_overhead_pct"] = round(100 * (1 - result["ray_nice0"]["rows_per_s"] / base), 1)  # type: ignore[index]
     result["ray_cold_overhead_pct"] = round(100 * (1 - result["ray_cold"]["rows_per_s"] / base), 1)  # type: ignore[index]
-    result["synsets_held_by_driver_mib"] = round(units * 1 * 64 * 4 / 2**20, 2)  # ipc 1, 64 features, fp32
+    result["synsets_held_by_driver_mib"] = round(units * min(1024, units * 20) * 4 / 2**20, 2)  # weights (U, pool), fp32
     return result
 
 

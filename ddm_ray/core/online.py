@@ -32,6 +32,7 @@ def base_objectives(
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+MOVE_GROUP = 64  # units whose one-step moves share one per-sample-gradient pass
 
 
 @contextlib.contextmanager
@@ -139,22 +140,29 @@ def evaluate_units(
     chunk = test_chunk or n_test
     theta = flatten(final)
     forward = vmap(lambda pf, xs: net.logits(unflatten(pf, final), xs), in_dims=(0, None))
+    # one-step moves come from one per-sample-gradient pass over the samples a group of units uses,
+    # so groups are at least MOVE_GROUP units even where the forward runs one unit at a time
+    group = max(batch, MOVE_GROUP) if steps == 1 else batch
     out = []
     with torch.no_grad():
-        for i in range(0, len(syn), batch):
-            part = syn.select(slice(i, i + batch)).compact()
-            cols = []
+        for g0 in range(0, len(syn), group):
+            part = syn.select(slice(g0, g0 + group)).compact()
             with precision_context(precision, x_test.device):
                 if steps == 1:
-                    tuned = theta[None, :] + one_step_moves(net, final, part.x, part.label, part.weight, lr)
-                else:
-                    tune = vmap(lambda w, xs, ls: flatten(fast_learn(net, final, xs, ls, w, steps, lr)),
-                                in_dims=(0, None, None))
-                    tuned = tune(part.weight, part.x, part.label)  # (b, P)
-                for j in range(0, n_test, chunk):
-                    logits = forward(tuned, x_test[j : j + chunk])  # (b, n, C)
-                    cols.append(all_objectives(logits.float(), y_test[j : j + chunk], names))
-            out.append(torch.cat(cols, dim=-1) - base[:, None, :])
+                    tuned_all = theta[None, :] + one_step_moves(net, final, part.x, part.label, part.weight, lr)
+            for i in range(0, len(part), batch):
+                cols = []
+                with precision_context(precision, x_test.device):
+                    if steps == 1:
+                        tuned = tuned_all[i : i + batch]
+                    else:
+                        tune = vmap(lambda w, xs, ls: flatten(fast_learn(net, final, xs, ls, w, steps, lr)),
+                                    in_dims=(0, None, None))
+                        tuned = tune(part.weight[i : i + batch], part.x, part.label)  # (b, P)
+                    for j in range(0, n_test, chunk):
+                        logits = forward(tuned, x_test[j : j + chunk])  # (b, n, C)
+                        cols.append(all_objectives(logits.float(), y_test[j : j + chunk], names))
+                out.append(torch.cat(cols, dim=-1) - base[:, None, :])
     return torch.cat(out, dim=1).float()
 
 

@@ -6,10 +6,10 @@ import io
 
 import pytest
 
+from ddm_ray.config import DistillConfig, OnlineConfig, RunConfig
 from ddm_ray.engine.placement import plan_placement
 from ddm_ray.engine.progress import Progress
 from ddm_ray.errors import ConfigError
-from ddm_ray.config import DistillConfig, OnlineConfig, RunConfig
 from ddm_ray.pipeline import plan_shards, split_range, unrolled_solver
 
 
