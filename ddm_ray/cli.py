@@ -71,7 +71,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clusters-per-class", type=int, default=u.clusters_per_class, help="K units per class")
     g.add_argument("--unit-features", default=u.features, help="input | penultimate (k-means space)")
     g.add_argument("--distill-method", default=s.method, help="basis (default) | soft_label | literal")
-    g.add_argument("--target", default=s.target, help="basis target: unrolled (default) | influence | blend")
+    g.add_argument("--target", default=s.target, help="basis target: blend (default) | unrolled | influence")
     g.add_argument("--target-solver", default=s.target_solver,
                    help="unrolled target: auto (default) | adjoint (cost flat in units) | forward")
     g.add_argument("--probe-samples", type=int, default=s.probe_samples,
@@ -81,7 +81,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--basis-ridge", type=float, default=s.ridge, help="basis: shrinkage of weak probe directions")
     g.add_argument("--influence-damping", type=float, default=s.influence_damping,
                    help="influence target: damping relative to the largest curvature")
-    g.add_argument("--blend-weight", type=float, default=s.blend_weight, help="blend: weight of the unrolled target")
+    g.add_argument("--blend-weight", type=float, default=s.blend_weight,
+                   help="blend: weight of the unrolled target (default: calibrated on exact retrainings)")
+    g.add_argument("--calibration-units", type=int, default=s.calibration_units,
+                   help="blend calibration: units retrained exactly (default %(default)s)")
     g.add_argument("--ipc", type=int, default=s.ipc, help="soft_label/literal: synthetic samples per unit")
     g.add_argument("--distill-steps", type=int, default=s.steps, help="soft_label/literal: matching steps")
     g.add_argument("--distill-lr", type=float, default=s.lr, help="soft_label/literal: Adam lr")
@@ -124,6 +127,7 @@ def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
             method=a.distill_method, target=a.target, target_solver=a.target_solver,
             probe_samples=a.probe_samples, probe_rank=a.probe_rank, ridge=a.basis_ridge,
             influence_damping=a.influence_damping, blend_weight=a.blend_weight,
+            calibration_units=a.calibration_units,
             ipc=a.ipc, steps=a.distill_steps, lr=a.distill_lr, unroll_epochs=a.unroll_epochs, seed=a.seed,
         ),
         online=OnlineConfig(

@@ -124,11 +124,13 @@ class DistillConfig:
     target (basis):
       unrolled: unrolled SGD influence over the trajectory (Hara et al. 2019);
       influence: influence function with the Hessian projected on the probe subspace;
-      blend: blend_weight * unrolled + (1 - blend_weight) * influence.
+      blend: w * unrolled + (1 - w) * influence, w = blend_weight, or when that is None the w of
+        (0, 0.25, 0.5, 0.75, 1) whose rows agree best with exact retraining of `calibration_units`
+        seeded units (a converged model gets some influence, an unconverged one none).
     """
 
     method: str = field(default="basis", metadata={"help": "basis | soft_label | literal"})
-    target: str = field(default="unrolled", metadata={"help": "basis: unrolled | influence | blend"})
+    target: str = field(default="blend", metadata={"help": "basis: unrolled | influence | blend"})
     target_solver: str = field(
         default="auto",
         metadata={"help": "unrolled target: adjoint (cost flat in units) | forward (per unit) | auto"},
@@ -146,7 +148,13 @@ class DistillConfig:
     influence_damping: float = field(
         default=0.005, metadata={"help": "influence: damping relative to the largest curvature"}
     )
-    blend_weight: float = field(default=0.5, metadata={"help": "blend: weight of the unrolled target"})
+    blend_weight: float | None = field(
+        default=None,
+        metadata={"help": "blend: weight of the unrolled target; None: calibrated on exact retrainings"},
+    )
+    calibration_units: int = field(
+        default=4, metadata={"help": "blend calibration: units retrained exactly to choose the weight"}
+    )
     unroll_epochs: int | None = field(
         default=None, metadata={"help": "unroll only the last N epochs (None: all)"}
     )
@@ -171,7 +179,8 @@ class DistillConfig:
         _check(self.probe_norm >= 0, "probe norm must be >= 0")
         _check(0 <= self.ridge < 1, "ridge must be in [0, 1)")
         _check(self.influence_damping > 0, "influence damping must be > 0")
-        _check(0 <= self.blend_weight <= 1, "blend weight must be in [0, 1]")
+        _check(self.blend_weight is None or 0 <= self.blend_weight <= 1, "blend weight must be in [0, 1]")
+        _check(1 <= self.calibration_units <= 64, "calibration units must be in [1, 64]")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ import ddm_ray
 from ddm_ray.config import ExecConfig, RunConfig
 from ddm_ray.core.adjoint import adjoint_unrolled
 from ddm_ray.core.distill import basis_synset, distill_class
+from ddm_ray.core.metrics import pearson, spearman
 from ddm_ray.core.models import Network, Params, flatten
+from ddm_ray.core.objectives import all_objectives
 from ddm_ray.core.online import (
     available_memory_bytes,
     base_objectives,
@@ -40,7 +42,7 @@ from ddm_ray.core.targets import (
     influence_pieces,
     influence_target,
 )
-from ddm_ray.core.training import Trajectory, train
+from ddm_ray.core.training import Trajectory, retrain_without, train
 from ddm_ray.core.units import Units, make_units
 from ddm_ray.data import Dataset, load_dataset
 from ddm_ray.errors import InputError, NonFiniteError, RunStateError
@@ -435,6 +437,55 @@ def _check_piece(key: str, piece: dict[str, torch.Tensor]) -> None:
             raise NonFiniteError(f"distill: non-finite {name} in {key}; lower --lr or normalise the inputs")
 
 
+BLEND_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def calibration_units(num_units: int, n: int, seed: int) -> list[int]:
+    """A seeded sample of n units (ascending), the same for every run of a config."""
+    gen = torch.Generator().manual_seed(seed + 4_242)
+    return sorted(torch.randperm(num_units, generator=gen)[: min(n, num_units)].tolist())
+
+
+def exact_loss_deltas(cfg: RunConfig, off: Offline, units: list[int], device: str = "cpu") -> torch.Tensor:
+    """Exact leave-one-out Δ test loss of `units` by retraining: (len(units), N_test), CPU."""
+    ds, dev = off.dataset, torch.device(device)
+    net = Network(cfg.model, ds.input_shape, ds.num_classes)
+    net.module.to(dev)
+    p0 = {k: v.to(dev) for k, v in off.params0.items()}
+    x, y, xt, yt = ds.x_train.to(dev), ds.y_train.to(dev), ds.x_test.to(dev), ds.y_test.to(dev)
+    with torch.no_grad():
+        base = all_objectives(net.logits({k: v.to(dev) for k, v in off.traj.final.items()}, xt), yt, ("loss",))[0]
+    rows = []
+    for u in units:
+        p = retrain_without(net, p0, x, y, cfg.train, off.units.unit_of == u)
+        with torch.no_grad():
+            rows.append(all_objectives(net.logits(p, xt), yt, ("loss",))[0] - base)
+    return torch.stack(rows).cpu()
+
+
+def calibrate_blend(
+    cfg: RunConfig, off: Offline, basis: ProbeBasis, unrolled: torch.Tensor, influence: torch.Tensor,
+    call: Callable[..., Any],
+) -> tuple[float, dict[str, float]]:
+    """The unrolled weight of BLEND_GRID whose rows agree best with exact retraining of a few
+    seeded units (mean of Pearson and Spearman of Δ test loss); ties go to the unrolled side.
+
+    The influence target assumes a converged model; the unrolled target models the run that
+    happened. Which mix is more faithful depends on the model, so it is measured, not assumed."""
+    d, ds = cfg.distill, off.dataset
+    units = calibration_units(off.units.num_units, d.calibration_units, d.seed)
+    exact = call(exact_loss_deltas, cfg, off, units)
+    idx = torch.tensor(units)
+    scores: dict[str, float] = {}
+    for w in BLEND_GRID:
+        syn = basis_synset(basis, idx, blend(unrolled[idx], influence[idx], w), cfg.online.lr, d.ridge, ds.num_classes)
+        got = evaluate_units(off.net, off.traj.final, syn, ds.x_test, ds.y_test, ("loss",), 1, cfg.online.lr)[0]
+        p, s = float(pearson(got, exact)), float(spearman(got, exact))
+        scores[str(w)] = round(0.5 * (p + s), 6) if p == p and s == s else -2.0
+    best = max(BLEND_GRID, key=lambda w: (round(scores[str(w)], 3), w))
+    return best, scores
+
+
 def distill_synsets(
     cfg: RunConfig,
     off: Offline,
@@ -496,7 +547,16 @@ def distill_synsets(
     else:
         unrolled = assemble_unrolled(shards, have, off.units.num_units, rank) if d.target != "influence" else None
         influence = None if pieces is None else influence_target(pieces, d.influence_damping)
-        c = blend(unrolled, influence, d.blend_weight)
+        weight = d.blend_weight
+        if d.target == "blend" and weight is None and unrolled is not None and influence is not None:
+            t0 = time.perf_counter()
+            weight, scores = calibrate_blend(cfg, off, basis, unrolled, influence, call)
+            log(f"blend calibrated on {d.calibration_units} exact retrainings: unrolled weight {weight}")
+            if info is not None:
+                info.update({"blend_weight": weight, "blend_calibration": scores})
+            if timings is not None:
+                timings["distill_calibration"] = round(time.perf_counter() - t0, 3)  # part of "distill"
+        c = blend(unrolled, influence, 1.0 if weight is None else weight)
         syn = basis_synset(basis, torch.arange(off.units.num_units), c, cfg.online.lr, d.ridge, ds.num_classes)
     problem = syn.check(ds.input_shape, ds.num_classes)
     if problem is not None:
@@ -509,6 +569,11 @@ def _check_out(store: RunStore, cfg: RunConfig, resume: bool) -> dict[str, Any] 
     if not store.exists(RunStore.MANIFEST):
         if resume:
             raise RunStateError(f"{store.url}: nothing to resume (no manifest.json)")
+        if store.list(""):
+            # a run deletes only what a manifest of its own says it wrote: never a stranger's files
+            raise RunStateError(
+                f"{store.url} is not empty and holds no ddm-ray run; choose an empty or new --out"
+            )
         return None
     manifest = store.read_json(RunStore.MANIFEST)
     other = manifest.get("config_hash") if isinstance(manifest, dict) else None
@@ -643,11 +708,12 @@ class Run:
                 f"{self.store.url}: the data changed since this run started (fingerprint "
                 f"{previous.get('data_fingerprint')} vs {self.fingerprint}); rerun without --resume"
             )
-        if not resume:
+        # not complete before anything is deleted: a crash in between leaves a resumable run
+        self._write_manifest("running", {})
+        if not resume and previous is not None:  # a rerun of this config: only files it wrote
             self.store.remove(RunStore.ATTRIBUTION)
             self.store.remove("artifacts")
             self.store.remove(RunStore.VALIDATION)
-        self._write_manifest("running", {})
         off = self._offline(dataset, resume)
         syn = self._synsets(off, resume, n_shards)
         n_units = off.units.num_units

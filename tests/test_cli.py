@@ -158,3 +158,58 @@ def test_resume_after_a_crash_in_the_offline_stage(tmp_path, tiny_parquet):
     for name in sorted(os.listdir(f"{ref}/attribution")):
         with open(f"{ref}/attribution/{name}", "rb") as a, open(f"{out}/attribution/{name}", "rb") as b:
             assert a.read() == b.read()
+
+
+def test_a_folder_without_a_run_is_refused_and_left_untouched(tmp_path, tiny_parquet, capsys):
+    out = tmp_path / "mine"
+    (out / "artifacts").mkdir(parents=True)
+    (out / "artifacts" / "keep.txt").write_text("user data")
+    (out / "validation.json").write_text("{}")
+    rc, _ = _run(tmp_path, tiny_parquet, "mine")
+    assert rc != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no ddm-ray run" in err[0]
+    assert (out / "artifacts" / "keep.txt").read_text() == "user data" and (out / "validation.json").exists()
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_rerun_marks_the_run_not_complete_before_deleting(tmp_path, tiny_parquet, monkeypatch):
+    from ddm_ray.store.run_store import RunStore
+
+    rc, out = _run(tmp_path, tiny_parquet)
+    assert rc == 0
+    seen = []
+    real_remove = RunStore.remove
+
+    def remove(self, rel):
+        seen.append((rel, json.load(open(f"{out}/manifest.json"))["status"]))
+        if rel == RunStore.ATTRIBUTION:
+            raise KeyboardInterrupt  # a crash between the deletion and the rewrite
+        return real_remove(self, rel)
+
+    monkeypatch.setattr(RunStore, "remove", remove)
+    assert _run(tmp_path, tiny_parquet)[0] == 130
+    assert seen and all(status == "running" for _rel, status in seen)
+    monkeypatch.setattr(RunStore, "remove", real_remove)
+    assert main(["inspect", "--out", out, "--test-id", "3"]) != 0  # not complete: refused
+
+
+@pytest.mark.parametrize("case", ["huge_lr", "huge_inputs"])
+def test_diverging_runs_stop_with_one_line_and_are_never_complete(tmp_path, case, capsys):
+    out = str(tmp_path / "div")
+    if case == "huge_lr":  # digits with --lr 1e6: the parameters overflow during training
+        args = ["--lr", "1e6", "--max-train", "300", "--epochs", "3", "--clusters-per-class", "2"]
+    else:  # inputs scaled by 1e18
+        x, y = blobs(120, seed=0)
+        xt, yt = blobs(30, seed=1)
+        tr = write_parquet(str(tmp_path / "tr.parquet"), x * 1e18, y)
+        te = write_parquet(str(tmp_path / "te.parquet"), xt * 1e18, yt)
+        args = ["--dataset", "parquet", "--train", tr, "--test", te, *TINY_RUN]
+    rc = main(["run", "--out", out, "--engine", "local", "--quiet", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "non-finite" in err[0], err
+    assert "--lr" in err[0] and "normalise" in err[0]
+    if case == "huge_lr":
+        assert err[0].startswith("ddm-ray: error: training:")
+    if (tmp_path / "div" / "manifest.json").exists():
+        assert _manifest(out)["status"] != "complete"

@@ -137,3 +137,11 @@ def replay_epoch(
         out.append(params)
         params, velocity = sgd_step(g_fn, params, velocity, x, y, batch.to(x.device), batch.numel(), cfg)
     return out
+
+
+def retrain_without(
+    net: Network, params0: Params, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, removed: torch.Tensor
+) -> Params:
+    """Exact leave-out retraining: the same init, seed and data order with the samples where
+    removed (N,) is True dropped from their batches. The final parameters."""
+    return train(net, params0, x, y, cfg, keep=~removed.cpu()).final

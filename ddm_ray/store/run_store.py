@@ -105,9 +105,12 @@ class RunStore:
         """File names directly under rel (empty if it does not exist)."""
         try:
             self.fs.invalidate_cache()
-            if not self.fs.exists(self.path(rel)):
+            where = self.path(rel) if rel else self.root
+            if not self.fs.exists(where):
                 return []
-            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False))
+            if not self.fs.isdir(where):
+                raise StorageError(f"{self.url}/{rel}: not a folder")
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(where, detail=False))
         except OSError as e:
             raise StorageError(f"cannot list {self.url}/{rel}: {e}") from None
 
