@@ -197,14 +197,46 @@ def _mnist(cfg: DataConfig) -> Dataset:
     )
 
 
+# what a CIFAR-10 python batch needs to rebuild its numpy arrays; nothing else is ever called
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _RefusedPickle(Exception):
+    pass
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds dicts, lists, tuples, bytes, str, numbers and numpy arrays; refuses any other
+    callable a crafted file names (the full unpickler would run it)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise _RefusedPickle(f"{module}.{name}")
+
+
+def load_data_pickle(f: object) -> object:
+    """Unpickle data-only content (see `_DataOnlyUnpickler`); raises InputError on anything else."""
+    try:
+        return _DataOnlyUnpickler(f, encoding="bytes").load()  # type: ignore[arg-type]
+    except _RefusedPickle as e:
+        raise InputError(f"refused to load a pickle that calls {e} (only plain data is allowed)") from None
+
+
 def _cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        labels = np.asarray(d[b"labels"], dtype=np.int64)
+            d = load_data_pickle(f)
+        data = np.asarray(d[b"data"], dtype=np.uint8)  # type: ignore[index]
+        labels = np.asarray(d[b"labels"], dtype=np.int64)  # type: ignore[index]
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
     except Exception as e:  # a damaged pickle can raise nearly anything
         raise InputError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):

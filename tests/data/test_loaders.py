@@ -111,3 +111,29 @@ def test_corrupt_gzip_is_a_one_line_input_error(tmp_path):
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     with pytest.raises(InputError, match="cannot read"):
         load_dataset(DataConfig(dataset="mnist", root=str(tmp_path)))
+
+
+class _RunsCode:
+    """A crafted pickle: unpickling it calls os.system (the full unpickler would run it)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar10_pickle_that_runs_code_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 1]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": _RunsCode(str(marker)), b"labels": [0]}))
+    with pytest.raises(InputError, match="refused to load a pickle that calls .*system"):
+        load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)))
+    assert not marker.exists(), "the crafted pickle ran code"
