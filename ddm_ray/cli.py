@@ -103,6 +103,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-in-flight", type=int, help="online tasks in flight (default 2 x workers)")
     g.add_argument("--num-cpus", type=int, help="CPUs for a local Ray runtime")
     g.add_argument("--address", help="Ray address (default: start a local runtime or use RAY_ADDRESS)")
+    g.add_argument("--connect-timeout", type=float, default=30.0,
+                   help="seconds to wait for --address / RAY_ADDRESS to answer (default %(default)s)")
     g.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
     g.add_argument("--storage-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000")
@@ -137,7 +139,7 @@ def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
     exe = ExecConfig(
         engine=a.engine, device=a.device, online_batch=a.online_batch, block_units=a.block_units,
         max_in_flight=a.max_in_flight, num_cpus=a.num_cpus, resume=a.resume,
-        storage_options=dict(a.storage_option),
+        storage_options=dict(a.storage_option), connect_timeout_s=a.connect_timeout,
     )
     return cfg, exe
 

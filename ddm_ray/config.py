@@ -257,6 +257,7 @@ class ExecConfig:
     num_cpus: int | None = None
     resume: bool = False
     storage_options: dict[str, str] = field(default_factory=dict)
+    connect_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check(self.engine in ("ray", "local"), "engine must be ray or local")
@@ -264,3 +265,4 @@ class ExecConfig:
         _check(self.online_batch is None or self.online_batch >= 1, "online batch must be >= 1")
         _check(self.block_units >= 1, "block units must be >= 1")
         _check(self.max_in_flight is None or self.max_in_flight >= 1, "max in flight must be >= 1")
+        _check(self.connect_timeout_s > 0, "connect timeout must be > 0")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 from ddm_ray.config import ExecConfig, RunConfig
@@ -36,7 +35,7 @@ def run_with_engine(
     """Run the pipeline on the engine exe.engine names; returns the final manifest.
 
     address: a Ray cluster to join; default RAY_ADDRESS when set (as inside `ray job submit`),
-    else a local runtime is started for this run and stopped afterwards.
+    else a fresh local runtime is started for this run and stopped afterwards (`engine.runtime`).
     progress: show online progress (a bar on a terminal, log lines otherwise).
     """
     from ddm_ray.pipeline import Run
@@ -51,30 +50,12 @@ def run_with_engine(
 
     from ddm_ray.engine.placement import plan_placement
     from ddm_ray.engine.ray_executor import RayExecutor
+    from ddm_ray.engine.runtime import start_or_join
     from ddm_ray.store.fs import with_env_options
 
     # workers do not share the driver's environment: its S3 settings travel with the job
     exe = dataclasses.replace(exe, storage_options=with_env_options(out, exe.storage_options))
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = False
-    if not ray.is_initialized():
-        try:
-            if address or os.environ.get("RAY_ADDRESS"):
-                ray.init(address=address or "auto", log_to_driver=True, logging_level="ERROR")
-            else:
-                # the runtime we start exists only for this run: its workers are the run, so they
-                # get the driver's priority instead of Ray's default nice 15 (measured: 1,226 vs
-                # 4,098 online rows/s at 500 units on a shared 2-core machine)
-                os.environ.setdefault("RAY_worker_niceness", "0")
-                ray.init(
-                    num_cpus=exe.num_cpus or os.cpu_count() or 1,
-                    include_dashboard=False,
-                    object_store_memory=200 * 1024 * 1024,
-                    logging_level="ERROR",
-                )
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise EngineError(f"cannot start or reach Ray ({address or os.environ.get('RAY_ADDRESS') or 'local'}): {e}") from None
-        started = True
+    started = start_or_join(address, exe.num_cpus, log, exe.connect_timeout_s, local_niceness_zero=True)
     try:
         res = ray.cluster_resources()
         placement = plan_placement(exe.device, res.get("GPU", 0), res.get("CPU", 1))

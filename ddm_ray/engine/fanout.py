@@ -7,7 +7,6 @@ when none is running (or joins RAY_ADDRESS) and stops only a runtime it started.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -32,19 +31,9 @@ class FanOut:
 
     def __enter__(self) -> FanOut:
         if self.engine == "ray":
-            import ray
+            from ddm_ray.engine.runtime import start_or_join
 
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            if not ray.is_initialized():
-                addr = os.environ.get("RAY_ADDRESS")
-                if addr:
-                    ray.init(address=addr, logging_level="ERROR")
-                else:
-                    ray.init(
-                        num_cpus=self.num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                        object_store_memory=200 * 1024 * 1024, logging_level="ERROR",
-                    )
-                self._started = True
+            self._started = start_or_join(None, self.num_cpus)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -41,3 +41,9 @@ def test_broken_config_is_rejected(raw: dict) -> None:
     bad["available_node_types"]["gpu_spot"]["min_workers"] = "zero"
     with pytest.raises(Exception):  # noqa: B017 - jsonschema.ValidationError
         validate_config(prepare_config(bad))
+
+
+def test_dashboard_is_reached_through_port_forwarding_only(raw: dict) -> None:
+    """The head's dashboard / job server listens on loopback; `ray dashboard cluster.yaml` forwards it."""
+    start = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start

@@ -1,0 +1,63 @@
+"""Starting or joining Ray: unreachable addresses fail fast with one line; a stale local cluster
+registered in Ray's temp folder is never picked up by a run without an address."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ddm_ray.engine.runtime import ClusterError, check_reachable
+from tests.engine.conftest import TINY, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddm_ray.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_check_reachable_fails_fast_and_names_the_address() -> None:
+    port = free_port()  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=f"127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}", timeout_s=2)
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(ClusterError, match="not host:port"):
+        check_reachable("nonsense", timeout_s=1)
+    check_reachable("auto", timeout_s=1)  # resolved by Ray itself
+
+
+def test_unreachable_address_is_one_line_and_bounded(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    port = free_port()
+    t0 = time.monotonic()
+    r = _run(["run", *TINY, "--address", f"127.0.0.1:{port}", "--connect-timeout", "3",
+              "--out", str(tmp_path / "o")], env, timeout=60)
+    assert r.returncode != 0 and time.monotonic() - t0 < 45
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the Ray cluster" in err[0], r.stderr
+
+
+@pytest.mark.slow
+def test_a_stale_cluster_address_file_is_ignored_without_an_address() -> None:
+    tmp = tempfile.mkdtemp(prefix="ddm", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        (Path(tmp) / "ray").mkdir()
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update({"RAY_TMPDIR": tmp, "OMP_NUM_THREADS": "1"})
+        out = os.path.join(tmp, "out")
+        r = _run(["run", *[a for a in TINY if a != "--quiet"], "--num-cpus", "2", "--device", "cpu",
+                  "--out", out], env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "started a local runtime" in r.stderr
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
