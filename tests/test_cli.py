@@ -213,3 +213,23 @@ def test_diverging_runs_stop_with_one_line_and_are_never_complete(tmp_path, case
         assert err[0].startswith("ddm-ray: error: training:")
     if (tmp_path / "div" / "manifest.json").exists():
         assert _manifest(out)["status"] != "complete"
+
+
+@pytest.mark.slow
+def test_exit_codes_are_exact_across_repeated_processes(tmp_path, tiny_parquet):
+    """torch + a Parquet table read from memory used to abort some exits with 134: run inspect and
+    an input error 20 times each in fresh interpreters and require the exact exit codes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rc, out = _run(tmp_path, tiny_parquet)
+    assert rc == 0
+    inspect = [sys.executable, "-m", "ddm_ray.cli", "inspect", "--out", out, "--test-id", "3", "--top", "1"]
+    bad = [sys.executable, "-m", "ddm_ray.cli", "run", "--dataset", "parquet", "--train", tiny_parquet[0],
+           "--test", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "never"), "--quiet"]
+
+    def code(cmd):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120).returncode
+
+    with ThreadPoolExecutor(2) as pool:
+        codes = list(pool.map(code, [inspect] * 20 + [bad] * 20))
+    assert codes == [0] * 20 + [2] * 20, codes

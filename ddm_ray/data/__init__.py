@@ -101,14 +101,12 @@ def _digits(cfg: DataConfig) -> Dataset:
 
 def _read_parquet(url: str, storage_options: dict[str, str]) -> tuple[np.ndarray, ...]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from ddm_ray.store.fs import open_url
+    from ddm_ray.store.fs import open_url, read_parquet
 
     try:
         fs, path = open_url(url, storage_options)
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+        table = read_parquet(fs, path)
     except FileNotFoundError:
         raise InputError(f"{url}: no such file") from None
     except (OSError, pa.ArrowException, ValueError) as e:

@@ -95,3 +95,17 @@ def with_env_options(url: str, storage_options: dict[str, str]) -> dict[str, str
                 out[key] = os.environ[name]
                 break
     return out
+
+
+def read_parquet(fs: Any, path: str) -> Any:
+    """A whole Parquet file as a pyarrow Table, read by path through a pyarrow filesystem.
+
+    Never from an in-memory buffer: with torch imported, tables read from a BytesIO sometimes
+    abort the interpreter at exit (exit 134); reading by path did not in any try."""
+    import pyarrow.parquet as pq
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return pq.read_table(path, filesystem=LocalFileSystem())
+    return pq.read_table(path, filesystem=PyFileSystem(FSSpecHandler(fs)))

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ddm_ray.errors import StorageError
-from ddm_ray.store.fs import join, open_url
+from ddm_ray.store.fs import join, open_url, read_parquet
 
 ATTRIBUTION_SCHEMA = pa.schema(
     [
@@ -138,7 +138,11 @@ class RunStore:
 
     def read_table(self, rel: str) -> pa.Table:
         try:
-            return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+            return read_parquet(self.fs, self.path(rel))
+        except FileNotFoundError:
+            raise StorageError(f"{self.url}/{rel}: not found") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {self.url}/{rel}: {e}") from None
         except pa.ArrowException as e:
             raise StorageError(f"{self.url}/{rel}: not valid Parquet ({e})") from None
 
