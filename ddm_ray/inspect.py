@@ -27,8 +27,7 @@ def inspect_test_sample(out: str, test_id: int, objective: str, top: int, storag
     label = {u: lab for u, lab in zip(units["unit_id"], units["label"], strict=True)}
     size = {u: len(s) for u, s in zip(units["unit_id"], units["sample_ids"], strict=True)}
     scores: list[tuple[float, int]] = []
-    for name in store.parts():
-        t = store.read_table(f"{RunStore.ATTRIBUTION}/{name}")
+    for _name, t in store.complete_parts(manifest):
         t = t.filter(pc.equal(t.column("objective"), objective))
         for u, d in zip(t.column("unit_id").to_pylist(), t.column("delta").to_pylist(), strict=True):
             scores.append((float(d[position]), int(u)))

@@ -602,6 +602,7 @@ class Run:
         self.online_batch: int | None = exe.online_batch
         self.fingerprint: str | None = None
         self.distillation: dict[str, Any] = {}
+        self.part_records: dict[str, Any] = {}  # part name -> rows, sha256, bytes (once complete)
 
     def _stage(self, name: str, t0: float) -> None:
         self.timings[name] = round(time.perf_counter() - t0, 3)
@@ -617,6 +618,7 @@ class Run:
             "versions": versions(),
             "timings_seconds": self.timings,
             "counts": counts,
+            "parts": self.part_records,
             "distillation": self.distillation,
             "execution": {
                 "engine": self.exe.engine,
@@ -672,6 +674,23 @@ class Run:
         )
         return off
 
+    def _verified_parts(self, expected: set[str], rows_of: dict[str, int]) -> set[str]:
+        """On resume: the parts whose bytes match their checksum record; every other file in
+        attribution/ (damaged, unfinished, another block size, a killed writer's temp file) and its
+        record are removed so that the block is recomputed."""
+        done = set()
+        for name in self.store.list(RunStore.ATTRIBUTION):
+            problem = "not a part of this run" if name not in expected else None
+            if problem is None:
+                problem = self.store.part_problem(name, self.store.part_record(name), rows_of[name])
+            if problem is None:
+                done.add(name)
+                continue
+            self.log(f"resume: recomputing {name} ({problem})")
+            self.store.remove(f"{RunStore.ATTRIBUTION}/{name}")
+            self.store.remove(f"{RunStore.CHECKSUMS}/{name}.json")
+        return done
+
     def _synsets(self, off: Offline, resume: bool, n_shards: int) -> Synset:
         ds = off.dataset
         t0 = time.perf_counter()
@@ -712,6 +731,7 @@ class Run:
         self._write_manifest("running", {})
         if not resume and previous is not None:  # a rerun of this config: only files it wrote
             self.store.remove(RunStore.ATTRIBUTION)
+            self.store.remove(RunStore.CHECKSUMS)
             self.store.remove("artifacts")
             self.store.remove(RunStore.VALIDATION)
         off = self._offline(dataset, resume)
@@ -720,13 +740,9 @@ class Run:
         names = self.cfg.online.objectives
         bs = self.exe.block_units
         blocks = [Block(i, min(i + bs, n_units) - 1) for i in range(0, n_units, bs)]
-        present = set(self.store.list(RunStore.ATTRIBUTION)) if resume else set()
         expected = {b.part for b in blocks}
-        stale = present - expected
-        done = present & expected
-        if stale:  # parts of another block size or temporary files of a killed writer: drop them
-            for name in stale:
-                self.store.remove(f"{RunStore.ATTRIBUTION}/{name}")
+        rows_of = {b.part: (b.last - b.first + 1) * len(names) for b in blocks}
+        done = self._verified_parts(expected, rows_of) if resume else set()
         todo = [(b, syn.weight[b.first : b.last + 1].clone()) for b in blocks if b.part not in done]
         job = OnlineJob(
             self.cfg, off.dataset.input_shape, off.dataset.num_classes, off.traj.final,
@@ -749,9 +765,15 @@ class Run:
             if bar is not None:
                 bar.close()
         self._stage("online", t0)
-        parts = set(self.store.parts())
-        if parts != expected:
-            raise RunStateError(f"{self.store.url}: {len(expected - parts)} attribution parts missing after the online stage")
+        records = {name: self.store.part_record(name) for name in sorted(expected)}
+        bad = {n: p for n, r in records.items() if (p := self.store.part_problem(n, r, rows_of[n])) is not None}
+        if bad:
+            name, problem = next(iter(bad.items()))
+            raise RunStateError(
+                f"{self.store.url}: {len(bad)} attribution part(s) not written correctly ({name}: {problem}); "
+                "rerun with --resume"
+            )
+        self.part_records = records
         self.timings["total"] = round(time.perf_counter() - t_all, 3)
         counts = {
             "units": n_units,

@@ -41,12 +41,12 @@ def load_complete_run(out: str, storage_options: dict[str, str]) -> tuple[RunSto
     return store, manifest, cfg
 
 
-def read_rows(store: RunStore, units: list[int], objective: str, n_test: int) -> torch.Tensor:
+def read_rows(store: RunStore, manifest: dict[str, Any], units: list[int], objective: str, n_test: int) -> torch.Tensor:
     """DDM deltas for `units` and one objective: (len(units), n_test), in the given unit order."""
     want = {u: i for i, u in enumerate(units)}
     out = torch.full((len(units), n_test), float("nan"))
-    for name in store.parts():
-        t = store.read_table(f"{RunStore.ATTRIBUTION}/{name}").to_pydict()
+    for _name, table in store.complete_parts(manifest):
+        t = table.to_pydict()
         for u, o, d in zip(t["unit_id"], t["objective"], t["delta"], strict=True):
             if o == objective and u in want:
                 out[want[u]] = torch.tensor(d)
@@ -128,7 +128,7 @@ def validate_run(
     n_test = ds.x_test.shape[0]
     per_objective: dict[str, Any] = {}
     for j, name in enumerate(names):
-        ddm = read_rows(store, units, name, n_test)
+        ddm = read_rows(store, manifest, units, name, n_test)
         if torch.isnan(ddm).any():
             raise RunStateError(f"{out}: attribution rows missing for some units ({name})")
         per_objective[name] = {"ddm": _scores(ddm, exact_t[j]), "gradient_ascent": _scores(ga_t[j], exact_t[j])}

@@ -233,3 +233,38 @@ def test_exit_codes_are_exact_across_repeated_processes(tmp_path, tiny_parquet):
     with ThreadPoolExecutor(2) as pool:
         codes = list(pool.map(code, [inspect] * 20 + [bad] * 20))
     assert codes == [0] * 20 + [2] * 20, codes
+
+
+def _damage(path, how, other=None):
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "emptied":
+        path.write_bytes(b"")
+    elif how == "flipped":
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 64]) + data[mid + 64 :])
+    elif how == "swapped":
+        path.write_bytes(other.read_bytes())
+
+
+@pytest.mark.parametrize("how", ["truncated", "emptied", "flipped", "swapped"])
+def test_damaged_parts_are_refused_by_readers_and_recomputed_on_resume(tmp_path, tiny_parquet, capsys, how):
+    rc, out = _run(tmp_path, tiny_parquet, extra=("--block-units", "2"))
+    assert rc == 0
+    parts = sorted((tmp_path / "out" / "attribution").iterdir())
+    assert len(parts) == 3
+    before = {p.name: p.read_bytes() for p in parts}
+    _damage(parts[1], how, other=parts[0])
+    capsys.readouterr()
+    assert main(["inspect", "--out", out, "--test-id", "3"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and parts[1].name in err[0] and "--resume" in err[0], err
+    assert main(["validate", "--out", out, "--units", "2", "--engine", "local", "--quiet"]) != 0
+    rc, _ = _run(tmp_path, tiny_parquet, extra=("--block-units", "2", "--resume"))
+    assert rc == 0
+    m = _manifest(out)
+    assert m["status"] == "complete" and m["counts"]["rows_computed_this_session"] == 2 * 3
+    assert {p.name: p.read_bytes() for p in parts} == before, "the recomputed part equals the original"
+    assert set(m["parts"]) == set(before)
+    assert main(["inspect", "--out", out, "--test-id", "3"]) == 0

@@ -4,6 +4,7 @@
     <out>/units.parquet            unit_id, label, sample_ids, level
     <out>/test_index.parquet       position, test_id
     <out>/attribution/part-<first>-<last>.parquet   unit_id, objective, delta
+    <out>/checksums/part-<first>-<last>.parquet.json rows, sha256, bytes of that part
     <out>/artifacts/model.pt       final parameters and the trajectory checkpoints
     <out>/artifacts/distill/<piece>.pt              distillation pieces (subspace, target shards)
     <out>/artifacts/synset.pt                       every unit's synset
@@ -15,10 +16,12 @@ so a reader never sees half a file, and part names depend only on the block of u
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -173,13 +176,69 @@ class RunStore:
         """A finished distillation shard (its key names the shard: deterministic, no probing)."""
         return f"artifacts/distill/{key}.pt"
 
-    def write_part(self, first_unit: int, last_unit: int, table: pa.Table) -> str:
+    CHECKSUMS = "checksums"
+
+    def write_part(self, first_unit: int, last_unit: int, table: pa.Table) -> dict[str, Any]:
+        """Write a part, then its record (rows, sha256, bytes) beside it in checksums/: a part
+        without a record is unfinished, and a part whose bytes do not match it is damaged."""
         name = part_name(first_unit, last_unit)
-        self.write_table(f"{self.ATTRIBUTION}/{name}", table.cast(ATTRIBUTION_SCHEMA))
-        return name
+        buf = io.BytesIO()
+        pq.write_table(table.cast(ATTRIBUTION_SCHEMA), buf, compression="snappy")
+        data = buf.getvalue()
+        record = {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        self.write_bytes(f"{self.ATTRIBUTION}/{name}", data)
+        self.write_json(f"{self.CHECKSUMS}/{name}.json", record)
+        return record
 
     def parts(self) -> list[str]:
         return [n for n in self.list(self.ATTRIBUTION) if n.startswith("part-") and n.endswith(".parquet")]
+
+    def part_record(self, name: str) -> dict[str, Any] | None:
+        """The record written after part `name`, or None if there is none (or it is unreadable)."""
+        rel = f"{self.CHECKSUMS}/{name}.json"
+        if not self.exists(rel):
+            return None
+        try:
+            rec = self.read_json(rel)
+        except StorageError:
+            return None
+        ok = isinstance(rec, dict) and {"rows", "sha256", "bytes"} <= set(rec)
+        return rec if ok else None
+
+    def part_problem(self, name: str, record: dict[str, Any] | None, rows: int | None = None) -> str | None:
+        """Why part `name` cannot be trusted (missing, no record, wrong size or checksum, wrong row
+        count), or None when its bytes are exactly what was written."""
+        if record is None:
+            return "no checksum record (unfinished write)"
+        if not self.exists(f"{self.ATTRIBUTION}/{name}"):
+            return "missing"
+        data = self.read_bytes(f"{self.ATTRIBUTION}/{name}")
+        if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+            return "bytes do not match the recorded checksum (damaged or replaced)"
+        if rows is not None and record["rows"] != rows:
+            return f"{record['rows']} rows recorded, {rows} expected"
+        return None
+
+    def complete_parts(self, manifest: dict[str, Any]) -> Iterator[tuple[str, pa.Table]]:
+        """Every attribution part a complete run's manifest lists, each verified (`read_part`):
+        the one reader of parts that validate, inspect and the Python API share."""
+        records = manifest.get("parts")
+        if not isinstance(records, dict) or not records:
+            raise StorageError(f"{self.url}: the manifest lists no checksummed parts (an older ddm-ray wrote it); rerun")
+        for name in sorted(records):
+            yield name, self.read_part(name, records[name])
+
+    def read_part(self, name: str, record: dict[str, Any] | None) -> pa.Table:
+        """A verified part: refuses one whose bytes or unit ids do not match what was written."""
+        problem = self.part_problem(name, record)
+        if problem is not None:
+            raise StorageError(f"{self.url}/{self.ATTRIBUTION}/{name}: {problem}; rerun with --resume to recompute it")
+        table = self.read_table(f"{self.ATTRIBUTION}/{name}")
+        first, last = (int(v) for v in name[len("part-") : -len(".parquet")].split("-"))
+        ids = table.column("unit_id").to_pylist()
+        if table.num_rows != record["rows"] or (ids and (min(ids) < first or max(ids) > last)):  # type: ignore[index]
+            raise StorageError(f"{self.url}/{self.ATTRIBUTION}/{name}: holds other units than its name says")
+        return table
 
 
 def pickle_errors() -> type[Exception]:
