@@ -46,6 +46,7 @@ from ddm_ray.core.training import Trajectory, retrain_without, train
 from ddm_ray.core.units import Units, make_units
 from ddm_ray.data import Dataset, load_dataset
 from ddm_ray.errors import InputError, NonFiniteError, RunStateError
+from ddm_ray.store.lease import LEASE, Lease
 from ddm_ray.store.run_store import TEST_INDEX_SCHEMA, UNITS_SCHEMA, RunStore, part_name
 
 FORMAT_VERSION = 2  # 2: shared-pool synsets (artifacts/synset.pt), distillation pieces
@@ -569,7 +570,7 @@ def _check_out(store: RunStore, cfg: RunConfig, resume: bool) -> dict[str, Any] 
     if not store.exists(RunStore.MANIFEST):
         if resume:
             raise RunStateError(f"{store.url}: nothing to resume (no manifest.json)")
-        if store.list(""):
+        if [n for n in store.list("") if n != LEASE]:
             # a run deletes only what a manifest of its own says it wrote: never a stranger's files
             raise RunStateError(
                 f"{store.url} is not empty and holds no ddm-ray run; choose an empty or new --out"
@@ -717,6 +718,11 @@ class Run:
         return syn
 
     def execute(self, n_shards: int = 1) -> dict[str, Any]:
+        """The whole run, holding the output folder's lease (a second writer is refused)."""
+        with Lease(self.store, log=self.log):
+            return self._execute(n_shards)
+
+    def _execute(self, n_shards: int) -> dict[str, Any]:
         t_all = time.perf_counter()
         previous = _check_out(self.store, self.cfg, self.exe.resume)
         resume = self.exe.resume and previous is not None

@@ -68,6 +68,11 @@ class RunStore:
         self.fs, self.root = open_url(url, self.storage_options)
         self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
+    @property
+    def local(self) -> bool:
+        """True for a folder on this machine's file system."""
+        return self._local
+
     # ---- raw bytes -------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
         return join(self.root, *parts)

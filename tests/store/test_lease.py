@@ -1,0 +1,103 @@
+"""The run-folder lease: one writer at a time on local folders and S3 (moto), stale leases taken over."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ddm_ray.errors import RunStateError
+from ddm_ray.store.lease import LEASE, Lease
+from ddm_ray.store.run_store import RunStore
+from tests.engine.conftest import AWS_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def s3_url(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[str]:
+    pytest.importorskip("moto")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    for k, v in AWS_ENV.items():
+        monkeypatch_module.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="leases")
+    monkeypatch_module.setenv("AWS_ENDPOINT_URL", endpoint)
+    yield "s3://leases/run"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _store(url: str) -> RunStore:
+    if url.startswith("s3://"):
+        import os
+
+        return RunStore(url, {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    return RunStore(url)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_second_holder_is_refused_until_release(tmp_path, where, request):
+    url = str(tmp_path / "run") if where == "local" else request.getfixturevalue("s3_url") + "-a"
+    store = _store(url)
+    first = Lease(store, ttl_s=30, settle_s=0.2)
+    first.acquire()
+    try:
+        with pytest.raises(RunStateError, match="in use by another run"):
+            Lease(_store(url), ttl_s=30, settle_s=0.2).acquire()
+        rec = json.loads(store.read_bytes(LEASE))
+        assert rec["owner"] == first.owner and {"pid", "host", "heartbeat", "ttl_s"} <= set(rec)
+    finally:
+        first.release()
+    assert not store.exists(LEASE)
+    with Lease(_store(url), ttl_s=30, settle_s=0.2):
+        pass
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_stale_lease_is_taken_over_and_heartbeats_renew(tmp_path, where, request):
+    url = str(tmp_path / "run") if where == "local" else request.getfixturevalue("s3_url") + "-b"
+    store = _store(url)
+    store.write_json(LEASE, {"owner": "dead", "pid": 1, "host": "gone", "heartbeat": time.time() - 600, "ttl_s": 60})
+    lease = Lease(store, ttl_s=0.8, settle_s=0.2)
+    lease.acquire()
+    try:
+        t0 = json.loads(store.read_bytes(LEASE))["heartbeat"]
+        time.sleep(0.6)
+        assert json.loads(store.read_bytes(LEASE))["heartbeat"] > t0, "the heartbeat renews the lease"
+    finally:
+        lease.release()
+
+
+def test_two_runs_started_together_exactly_one_proceeds(tmp_path):
+    out = str(tmp_path / "shared")
+    base = [sys.executable, "-m", "ddm_ray.cli", "run", "--engine", "local", "--quiet", "--max-train", "300",
+            "--epochs", "3", "--clusters-per-class", "2", "--out", out]
+    a = subprocess.Popen([*base, "--seed", "0"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    b = subprocess.Popen([*base, "--seed", "1"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in (a, b)]
+    codes = sorted(rc for rc, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    loser = next(err for rc, err in results if rc != 0).strip().splitlines()
+    assert len(loser) == 1 and ("in use by another run" in loser[0] or "another config" in loser[0]), loser
+    winner_seed = 0 if results[0][0] == 0 else 1
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["train"]["seed"] == winner_seed
+    assert not (Path(out) / LEASE).exists()
