@@ -107,8 +107,27 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for --address / RAY_ADDRESS to answer (default %(default)s)")
     g.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
     g.add_argument("--storage-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000")
+                   help="s3fs option, e.g. endpoint_url=http://127.0.0.1:9000 (no credentials here: "
+                        "use AWS_* variables or --storage-options-file)")
+    g.add_argument("--storage-options-file", metavar="PATH",
+                   help="key=value lines of storage options, credentials included (kept out of argv)")
     g.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def storage_options_from_args(a: argparse.Namespace) -> dict[str, str]:
+    """--storage-options-file, then --storage-option on top. Credentials on the command line are
+    refused: argv shows in process lists, `ray job list` and job logs."""
+    from ddm_ray.store.fs import SECRET_KEYS, storage_options_file
+
+    given = dict(getattr(a, "storage_option", []) or [])
+    leaked = sorted(k for k in given if k.lower() in SECRET_KEYS)
+    if leaked:
+        raise ConfigError(
+            f"--storage-option {leaked[0]}=... puts a credential on the command line; set it in the "
+            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or in --storage-options-file"
+        )
+    path = getattr(a, "storage_options_file", None)
+    return {**(storage_options_file(path) if path else {}), **given}
 
 
 def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
@@ -139,7 +158,7 @@ def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
     exe = ExecConfig(
         engine=a.engine, device=a.device, online_batch=a.online_batch, block_units=a.block_units,
         max_in_flight=a.max_in_flight, num_cpus=a.num_cpus, resume=a.resume,
-        storage_options=dict(a.storage_option), connect_timeout_s=a.connect_timeout,
+        storage_options=storage_options_from_args(a), connect_timeout_s=a.connect_timeout,
     )
     return cfg, exe
 
@@ -171,7 +190,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
     if a.units is not None and a.units < 1:
         raise ConfigError("--units must be >= 1")
     report = validate_run(
-        a.out, a.units, a.seed, dict(a.storage_option), log=_logger(a.quiet), engine=a.engine, num_cpus=a.num_cpus
+        a.out, a.units, a.seed, storage_options_from_args(a), log=_logger(a.quiet), engine=a.engine, num_cpus=a.num_cpus
     )
     print_validation(report)
     return 0
@@ -180,7 +199,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from ddm_ray.inspect import inspect_test_sample
 
-    print(inspect_test_sample(a.out, a.test_id, a.objective, a.top, dict(a.storage_option)))
+    print(inspect_test_sample(a.out, a.test_id, a.objective, a.top, storage_options_from_args(a)))
     return 0
 
 
@@ -279,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--engine", default="ray", choices=("ray", "local"), help="retrain on Ray tasks or in-process")
     v.add_argument("--num-cpus", type=int, help="CPUs for a local Ray runtime")
     v.add_argument("--storage-option", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--storage-options-file", metavar="PATH", help="key=value lines (credentials go here)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=cmd_validate)
     i = sub.add_parser("inspect", help="most helpful and harmful units for one test sample")
@@ -287,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--objective", default="loss")
     i.add_argument("--top", type=int, default=5)
     i.add_argument("--storage-option", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    i.add_argument("--storage-options-file", metavar="PATH", help="key=value lines (credentials go here)")
     i.set_defaults(func=cmd_inspect)
     b = sub.add_parser("bench", help="benchmarks: fidelity against exact retraining and peer methods")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)

@@ -86,8 +86,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs must be >= 1")
-        _check(self.batch_size >= 1, "batch size must be >= 1")
+        _check(1 <= self.epochs <= 100_000, "epochs must be in [1, 100000]")
+        _check(1 <= self.batch_size <= 1_000_000, "batch size must be in [1, 1000000]")
         _check(self.lr > 0, "learning rate must be > 0")
         _check(0 <= self.momentum < 1, "momentum must be in [0, 1)")
         _check(self.weight_decay >= 0, "weight decay must be >= 0")
@@ -103,7 +103,7 @@ class UnitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.clusters_per_class >= 1, "clusters per class (K) must be >= 1")
+        _check(1 <= self.clusters_per_class <= 1_000_000, "clusters per class (K) must be in [1, 1000000]")
         _check(self.features in UNIT_FEATURES, f"unit features must be one of {UNIT_FEATURES}")
         _check(self.kmeans_iters >= 1, "k-means iterations must be >= 1")
 
@@ -219,7 +219,15 @@ class RunConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as written to manifests and hashed: data URLs with query strings (presigned
+        signatures) and passwords redacted, so no secret is stored and a re-signed URL resumes."""
+        from ddm_ray.store.fs import redact
+
+        d = dataclasses.asdict(self)
+        for k in ("train", "test", "root"):
+            if d["data"].get(k):
+                d["data"][k] = redact(d["data"][k])
+        return d
 
     def hash(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()

@@ -1,5 +1,20 @@
 """Exceptions users can act on. The CLI prints their message as one line and exits non-zero."""
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def brief(e: BaseException) -> str:
+    """`TypeName: first line of the message`, without terminal colour codes: what a one-line
+    error says about an underlying exception (including the cause a Ray task error wraps)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    text = _ANSI.sub("", str(e)).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
 
 class DDMError(Exception):
     """Base class for every error ddm-ray reports to a user."""

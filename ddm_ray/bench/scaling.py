@@ -129,7 +129,7 @@ def run_scaling(
             data=DataConfig(dataset="parquet", train=train_path, test=test_path),
             units=replace(base.units, clusters_per_class=k) if isinstance(base.units, UnitConfig) else base.units,
         )
-        run_out = os.path.join(out, f"run-u{u}")
+        run_out = os.path.join(out, f"run-u{u}-{cfg.hash()}")  # a folder per config: never refused
         log(f"U={k * bench.classes}: auditing ({k} clusters per class)")
         with _PeakMemory() as mem:
             manifest = run_with_engine(cfg, ExecConfig(engine=engine, num_cpus=num_cpus), run_out, log=log)

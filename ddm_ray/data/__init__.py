@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ddm_ray.config import DataConfig
-from ddm_ray.errors import InputError
+from ddm_ray.errors import DDMError, InputError, brief
 
 
 @dataclass
@@ -102,15 +102,19 @@ def _digits(cfg: DataConfig) -> Dataset:
 def _read_parquet(url: str, storage_options: dict[str, str]) -> tuple[np.ndarray, ...]:
     import pyarrow as pa
 
-    from ddm_ray.store.fs import open_url, read_parquet
+    from ddm_ray.store.fs import open_url, read_parquet, redact
+
+    raw, url = url, redact(url)  # messages never echo a presigned signature
 
     try:
-        fs, path = open_url(url, storage_options)
+        fs, path = open_url(raw, storage_options)
         table = read_parquet(fs, path)
     except FileNotFoundError:
         raise InputError(f"{url}: no such file") from None
-    except (OSError, pa.ArrowException, ValueError) as e:
-        raise InputError(f"{url}: cannot read as Parquet ({type(e).__name__}: {e})") from None
+    except DDMError:
+        raise
+    except Exception as e:  # noqa: BLE001  storage back-ends raise far beyond OSError
+        raise InputError(f"{url}: cannot read as Parquet ({brief(e)})") from None
     names = table.column_names
     for col in ("x", "y"):
         if col not in names:

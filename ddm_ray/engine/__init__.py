@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from ddm_ray.config import ExecConfig, RunConfig
-from ddm_ray.errors import DDMError
+from ddm_ray.errors import DDMError, brief
 
 
 class EngineError(DDMError):
@@ -68,8 +68,7 @@ def run_with_engine(
         try:
             return Run(cfg, exe, out, executor, log=log, progress=bar).execute(n_shards=placement.actors)
         except ray.exceptions.RayError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EngineError(f"Ray execution failed ({type(e).__name__}: {first}); rerun with --resume to finish") from None
+            raise EngineError(f"Ray execution failed ({brief(e)}); rerun with --resume to finish") from None
         finally:
             executor.release()
     finally:

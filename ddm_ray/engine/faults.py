@@ -34,3 +34,20 @@ def before_block(first: int, last: int) -> None:
         except FileNotFoundError:
             return
         raise InjectedFault(f"injected failure of block {first}-{last} (test hook {FAULTS_DIR_ENV})")
+
+
+def die_file(folder: str, shard_key: str) -> str:
+    return os.path.join(folder, f"die-{shard_key}")
+
+
+def before_shard(shard_key: str) -> None:
+    """Test hook: the distillation actor's process exits once (as a preempted worker would)
+    when a die-<shard key> file is in the faults folder; inert otherwise."""
+    folder = os.environ.get(FAULTS_DIR_ENV)
+    if not folder:
+        return
+    try:
+        os.remove(die_file(folder, shard_key))
+    except FileNotFoundError:
+        return
+    os._exit(1)

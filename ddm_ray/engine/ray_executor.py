@@ -39,6 +39,7 @@ from ddm_ray.pipeline import (
 )
 
 TASK_MAX_RETRIES = 3
+ACTOR_RESTARTS = 2  # a distillation shard whose actor dies is restarted on a new actor this often
 T = TypeVar("T")
 WARM_HOLD_S = 3600.0  # a warm task gives its worker back after this long even if no online stage opens the gate
 
@@ -63,6 +64,10 @@ class ShardDistiller:
 
 class DistillActor(ShardDistiller):
     """The actor: ShardDistiller plus what only Ray knows."""
+
+    def start(self, job: DistillJob, shard: Shard, threads: int = 1) -> None:
+        faults.before_shard(shard.key)  # test-only hook, inert in normal runs
+        super().start(job, shard, threads)
 
     def gpu_ids(self) -> list[Any]:
         return list(ray.get_gpu_ids())
@@ -139,6 +144,7 @@ class RayExecutor:
         self.max_in_flight = max_in_flight or 2 * self.task_slots
         self.actor_gpu_ids: dict[str, list[Any]] = {}  # piece key -> GPU ids of the actor that made it
         self.retried_blocks = 0
+        self.actor_restarts = 0
         self.call_gpu_ids: list[list[Any]] = []  # GPU ids held by each `call` task
         self._gate: Any = None
         self._warm: list[Any] = []
@@ -182,27 +188,49 @@ class RayExecutor:
             self._gate, self._warm = None, []
 
     def distill(self, job: DistillJob, shards: list[Shard]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """One actor per shard; an actor that dies (a preempted spot worker) is replaced and its
+        shard restarted, up to ACTOR_RESTARTS times per shard. Pieces already received are not
+        yielded twice."""
         p = self.placement
         actor_cls = ray.remote(num_cpus=1, num_gpus=p.actor_gpus)(DistillActor)
         job_ref = ray.put(job)
-        actors = [actor_cls.remote(p.device) for _ in shards]
+        actors: dict[int, Any] = {}
+        gpu_ids: dict[int, list[Any]] = {}
+        restarts = dict.fromkeys(range(len(shards)), 0)
+        seen: set[str] = set()
+
+        def launch(i: int) -> Any:
+            actors[i] = actor_cls.remote(p.device)
+            gpu_ids[i] = ray.get(actors[i].gpu_ids.remote())
+            ray.get(actors[i].start.remote(job_ref, shards[i], self._threads()))
+            return actors[i].next.remote()
+
         try:
-            gpu_ids = ray.get([a.gpu_ids.remote() for a in actors])
-            ray.get([a.start.remote(job_ref, s, self._threads()) for a, s in zip(actors, shards, strict=True)])
-            pending = {a.next.remote(): i for i, a in enumerate(actors)}
+            pending = {launch(i): i for i in range(len(shards))}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     i = pending.pop(ref)
-                    item = ray.get(ref)
+                    try:
+                        item = ray.get(ref)
+                    except ray.exceptions.RayActorError:
+                        if restarts[i] >= ACTOR_RESTARTS:
+                            raise
+                        restarts[i] += 1
+                        self.actor_restarts += 1
+                        pending[launch(i)] = i
+                        continue
                     if item is None:
                         ray.kill(actors[i])
                         continue
                     pending[actors[i].next.remote()] = i
+                    if item[0] in seen:
+                        continue
+                    seen.add(item[0])
                     self.actor_gpu_ids[item[0]] = gpu_ids[i]
                     yield item
         finally:
-            for a in actors:
+            for a in actors.values():
                 ray.kill(a)
 
     def evaluate(self, job: OnlineJob, blocks: list[tuple[Block, torch.Tensor]]) -> Iterator[tuple[Block, int]]:

@@ -14,9 +14,53 @@ from fsspec.spec import AbstractFileSystem
 
 from ddm_ray.errors import ConfigError
 
+S3_OPTION_KEYS = ("endpoint_url", "region", "key", "secret", "token", "anon", "profile", "use_ssl",
+                  "requester_pays")
+
+
+SECRET_KEYS = ("key", "secret", "token", "password", "sas_token", "account_key", "client_secret")
+
+
+def redact(url: str) -> str:
+    """A URL safe to write or print: query string (presigned signatures, SAS tokens) and any
+    password in the authority replaced by <redacted>. Plain paths come back unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in url and "?" not in url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "<redacted>@" + netloc.rsplit("@", 1)[1]
+    query = "<redacted>" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, "<redacted>" if parts.fragment else ""))
+
+
+def storage_options_file(path: str) -> dict[str, str]:
+    """key=value lines (# comments) from a file: where credentials for --storage-option go when
+    they are not in the environment. Raises ConfigError with one line."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"--storage-options-file {path}: {e.strerror or e}") from None
+    out: dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ConfigError(f"--storage-options-file {path}: line {n} is not key=value")
+        k, v = line.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
 
 def s3_options(storage_options: dict[str, str]) -> dict[str, Any]:
     """s3fs keyword arguments from `key=value` options and the AWS environment variables."""
+    unknown = sorted(set(storage_options) - set(S3_OPTION_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown --storage-option {unknown[0]!r}; known: {', '.join(S3_OPTION_KEYS)}")
     opts: dict[str, Any] = {}
     client: dict[str, Any] = {}
     so = dict(storage_options)
@@ -41,6 +85,9 @@ def s3_options(storage_options: dict[str, str]) -> dict[str, Any]:
         opts["token"] = token
     if so.pop("anon", "false").lower() in ("1", "true", "yes"):
         opts["anon"] = True
+    for flag in ("use_ssl", "requester_pays"):
+        if flag in so:
+            opts[flag] = so.pop(flag).lower() in ("1", "true", "yes")
     if client:
         opts["client_kwargs"] = client
     opts.update(so)
@@ -58,7 +105,7 @@ def open_url(url: str, storage_options: dict[str, str] | None = None) -> tuple[A
         else:
             fs, path = fsspec.core.url_to_fs(url, **so)
     except (ImportError, ValueError, TypeError) as e:
-        raise ConfigError(f"cannot open {url}: {e}") from None
+        raise ConfigError(f"cannot open {redact(url)}: {e}") from None
     if protocol == "file":
         path = os.path.abspath(path)
     return fs, path.rstrip("/")

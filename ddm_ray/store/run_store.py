@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ddm_ray.errors import StorageError
+from ddm_ray.errors import StorageError, brief
 from ddm_ray.store.fs import join, open_url, read_parquet
 
 ATTRIBUTION_SCHEMA = pa.schema(
@@ -85,29 +85,33 @@ class RunStore:
                 self.fs.makedirs(parent, exist_ok=True)
                 # hidden temp name: dataset readers (pyarrow) skip dot-files
                 tmp = f"{parent}/.{dest.rsplit('/', 1)[1]}.tmp-{uuid.uuid4().hex}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, dest)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, dest)
+                finally:
+                    if os.path.exists(tmp):  # a failed write leaves no temporary file behind
+                        os.remove(tmp)
             else:
                 self.fs.pipe_file(dest, data)
-        except OSError as e:
-            raise StorageError(f"cannot write {self.url}/{rel}: {e}") from None
+        except Exception as e:  # noqa: BLE001  botocore/s3fs raise far beyond OSError
+            raise StorageError(f"cannot write {self.url}/{rel}: {brief(e)}") from None
 
     def read_bytes(self, rel: str) -> bytes:
         try:
             return self.fs.cat_file(self.path(rel))
         except FileNotFoundError:
             raise StorageError(f"{self.url}/{rel}: not found") from None
-        except OSError as e:
-            raise StorageError(f"cannot read {self.url}/{rel}: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"cannot read {self.url}/{rel}: {brief(e)}") from None
 
     def exists(self, rel: str) -> bool:
         try:
             return bool(self.fs.exists(self.path(rel)))
-        except OSError as e:
-            raise StorageError(f"cannot reach {self.url}: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"cannot reach {self.url}: {brief(e)}") from None
 
     def list(self, rel: str) -> list[str]:
         """File names directly under rel (empty if it does not exist)."""
@@ -119,15 +123,17 @@ class RunStore:
             if not self.fs.isdir(where):
                 raise StorageError(f"{self.url}/{rel}: not a folder")
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(where, detail=False))
-        except OSError as e:
-            raise StorageError(f"cannot list {self.url}/{rel}: {e}") from None
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"cannot list {self.url}/{rel}: {brief(e)}") from None
 
     def remove(self, rel: str) -> None:
         try:
             if self.fs.exists(self.path(rel)):
                 self.fs.rm(self.path(rel), recursive=True)
-        except OSError as e:
-            raise StorageError(f"cannot remove {self.url}/{rel}: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"cannot remove {self.url}/{rel}: {brief(e)}") from None
 
     # ---- typed helpers ---------------------------------------------------------------------
     def write_json(self, rel: str, obj: Any) -> None:

@@ -106,6 +106,17 @@ def test_distill_shards_spread_over_actors_pinned_to_logical_gpus(ray_runtime: P
     assert worst <= 1e-4, f"ray and local engines disagree by {worst:.2e} (relative)"
 
 
+def test_a_distillation_actor_that_dies_is_replaced_and_its_shard_rerun(ray_runtime: Path, tmp_path: Path) -> None:
+    cfg, exe = configs("--target-solver", "forward", "--probe-rank", "32")
+    Path(faults.die_file(str(ray_runtime), "units-000000-000010")).touch()
+    placement = Placement(device="cpu", actors=2, actor_gpus=0.0, task_gpus=0.0)
+    executor = RayExecutor(placement, task_slots=2)
+    manifest = Run(cfg, exe, str(tmp_path / "run"), executor).execute(n_shards=2)
+    assert not list(ray_runtime.iterdir()), "the injected actor death fired"
+    assert executor.actor_restarts == 1 and manifest["status"] == "complete"
+    assert len(rows(str(tmp_path / "run"))) == 60
+
+
 def test_a_task_that_fails_once_is_retried_and_the_run_completes(ray_runtime: Path, tmp_path: Path) -> None:
     fault_dir = ray_runtime
     for first in (0, 8):
