@@ -89,6 +89,13 @@ def test_validate_and_inspect(tmp_path, tiny_parquet, capsys):
         (["--clusters-per-class", "50"], "fewer than"),
         (["--model", "convnet"], "C,H,W"),
         (["--objectives", "loss,accuracy"], "objectives"),
+        (["--ipc", "100000000"], "IPC"),
+        (["--epochs", "100000000"], "epochs"),
+        (["--probe-rank", "0"], "probe rank"),
+        (["--target", "magic"], "target"),
+        (["--blend-weight", "2"], "blend weight"),
+        (["--online-steps", "3"], "one online step"),
+        (["--storage-option", "bogus=1", "--out", "s3://b/r"], "unknown --storage-option"),
     ],
 )
 def test_bad_options_one_line_nonzero(tmp_path, tiny_parquet, capsys, args, match):
@@ -268,3 +275,41 @@ def test_damaged_parts_are_refused_by_readers_and_recomputed_on_resume(tmp_path,
     assert {p.name: p.read_bytes() for p in parts} == before, "the recomputed part equals the original"
     assert set(m["parts"]) == set(before)
     assert main(["inspect", "--out", out, "--test-id", "3"]) == 0
+
+
+def test_a_damaged_synset_is_recomputed_on_resume(tmp_path, tiny_parquet):
+    import torch
+
+    rc, out = _run(tmp_path, tiny_parquet)
+    assert rc == 0
+    rows = {p.name: p.read_bytes() for p in (tmp_path / "out" / "attribution").iterdir()}
+    syn = torch.load(f"{out}/artifacts/synset.pt", weights_only=True)
+    syn["x"] = syn["x"][:, :3]  # wrong input shape
+    torch.save(syn, f"{out}/artifacts/synset.pt")
+    m = _manifest(out)
+    m["status"] = "running"
+    with open(f"{out}/manifest.json", "w") as f:
+        json.dump(m, f)
+    for p in (tmp_path / "out" / "attribution").iterdir():
+        p.unlink()
+    rc, _ = _run(tmp_path, tiny_parquet, extra=("--resume",))
+    assert rc == 0 and _manifest(out)["status"] == "complete"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "attribution").iterdir()} == rows
+
+
+def test_a_failed_local_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import os
+
+    from ddm_ray.errors import StorageError
+    from ddm_ray.store.run_store import RunStore
+
+    store = RunStore(str(tmp_path / "s"))
+    store.write_bytes("a/ok.bin", b"1")
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(StorageError, match="No space left"):
+        store.write_bytes("a/fail.bin", b"2")
+    assert sorted(os.listdir(tmp_path / "s" / "a")) == ["ok.bin"]
