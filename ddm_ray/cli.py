@@ -322,10 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def choose_ray_auth(address: str | None) -> None:
+    """Before anything imports Ray (it reads the mode once): a runtime this command starts for
+    itself uses token auth, since Ray 2.60 listens on every interface; joining a cluster keeps
+    auth disabled unless RAY_AUTH_MODE says otherwise."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "disabled" if (address or os.environ.get("RAY_ADDRESS")) else "token"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     parser = build_parser()
     a = parser.parse_args(argv)
+    choose_ray_auth(getattr(a, "address", None))
     try:
         return int(a.func(a))
     except DDMError as e:

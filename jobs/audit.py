@@ -19,10 +19,12 @@ from ddm_ray.errors import DDMError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     p = _Parser(prog="jobs/audit.py", description="DDM audit as a Ray job: offline + online rows into --out")
     add_run_arguments(p)
     a = p.parse_args(argv)
+    from ddm_ray.cli import choose_ray_auth
+
+    choose_ray_auth(a.address)
     try:
         from ddm_ray.engine import run_with_engine
 

@@ -65,11 +65,14 @@ def start_or_join(
     (which the caller then shuts down)."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     log = log or (lambda msg: None)
     if ray.is_initialized():
         return False
     target = cluster_address(address)
+    # Ray 2.60 binds its local runtime to every interface (it resolves 127.0.0.1 to the node's
+    # address), so a runtime we start is protected by token auth unless the user chose a mode;
+    # a cluster we join keeps the mode it was started with (disabled unless the user says so)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled" if target else "token")
     try:
         if target:
             probe = address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS")
@@ -87,7 +90,8 @@ def start_or_join(
             address="local", num_cpus=cpus, include_dashboard=False,
             object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level="ERROR",
         )
-        log(f"ray: started a local runtime for this run ({cpus} CPUs); --address joins a cluster instead")
+        log(f"ray: started a local runtime for this run ({cpus} CPUs, auth {os.environ['RAY_AUTH_MODE']}); "
+            "--address joins a cluster instead")
         return True
     except ClusterError:
         raise

@@ -47,17 +47,18 @@ def test_unreachable_address_is_one_line_and_bounded(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_stale_cluster_address_file_is_ignored_without_an_address() -> None:
+def test_a_stale_cluster_address_file_is_ignored_and_the_own_runtime_uses_auth() -> None:
     tmp = tempfile.mkdtemp(prefix="ddm", dir="/tmp")  # short: Ray's socket paths live under it
     try:
         (Path(tmp) / "ray").mkdir()
         (Path(tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # no RAY_AUTH_MODE: the runtime a run starts for itself is protected by token auth
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
         env.update({"RAY_TMPDIR": tmp, "OMP_NUM_THREADS": "1"})
         out = os.path.join(tmp, "out")
         r = _run(["run", *[a for a in TINY if a != "--quiet"], "--num-cpus", "2", "--device", "cpu",
                   "--out", out], env)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert "started a local runtime" in r.stderr
+        assert "started a local runtime" in r.stderr and "auth token" in r.stderr
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
