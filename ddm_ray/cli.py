@@ -51,7 +51,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options of a run (shared by `ddm-ray run` and jobs/audit.py)."""
     d, m, t, u, s, o = DataConfig(), ModelConfig(), TrainConfig(), UnitConfig(), DistillConfig(), OnlineConfig()
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, help="digits | parquet | mnist | cifar10 (default digits)")
+    g.add_argument("--dataset", default=None,
+                   help=f"digits | parquet | mnist | cifar10 (default: parquet when --train/--test are given, else {d.dataset})")
     g.add_argument("--train", help="training Parquet (columns x: list<float>, y: int, optional id)")
     g.add_argument("--test", help="test Parquet, same schema")
     g.add_argument("--data-root", help="folder with MNIST idx files or CIFAR-10 python batches")
@@ -114,6 +115,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def _dataset(a: argparse.Namespace) -> str:
+    """--train/--test select Parquet input by themselves; contradicting --dataset is refused."""
+    files = bool(a.train or a.test)
+    if a.dataset is None:
+        return "parquet" if files else DataConfig().dataset
+    if files and a.dataset != "parquet":
+        raise ConfigError(f"--train/--test are Parquet files, but --dataset is {a.dataset}; drop one of them")
+    return str(a.dataset)
+
+
 def storage_options_from_args(a: argparse.Namespace) -> dict[str, str]:
     """--storage-options-file, then --storage-option on top. Credentials on the command line are
     refused: argv shows in process lists, `ray job list` and job logs."""
@@ -135,7 +146,7 @@ def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
     objectives = tuple(x.strip() for x in a.objectives.split(",") if x.strip())
     cfg = RunConfig(
         data=DataConfig(
-            dataset=a.dataset, train=a.train, test=a.test, root=a.data_root,
+            dataset=_dataset(a), train=a.train, test=a.test, root=a.data_root,
             input_shape=a.input_shape, max_train=a.max_train, max_test=a.max_test,
         ),
         model=ModelConfig(arch=a.model, hidden=tuple(a.hidden)),

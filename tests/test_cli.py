@@ -313,3 +313,42 @@ def test_a_failed_local_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match="No space left"):
         store.write_bytes("a/fail.bin", b"2")
     assert sorted(os.listdir(tmp_path / "s" / "a")) == ["ok.bin"]
+
+
+def test_train_and_test_files_select_parquet_and_contradictions_are_refused(tmp_path, tiny_parquet, capsys):
+    tr, te = tiny_parquet
+    out = str(tmp_path / "p")
+    assert main(["run", "--train", tr, "--test", te, "--out", out, *TINY_RUN]) == 0
+    m = _manifest(out)
+    assert m["config"]["data"]["dataset"] == "parquet" and m["counts"]["train_samples"] == 120
+    capsys.readouterr()
+    assert main(["run", "--dataset", "digits", "--train", tr, "--test", te, "--out", str(tmp_path / "q"), *TINY_RUN]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dataset is digits" in err[0]
+
+
+def test_online_blocks_ship_only_their_weight_rows(tmp_path, tiny_parquet):
+    """Each online task gets its block's weight rows (compact, not a view of the whole matrix);
+    the synthetic pool travels once, with the job."""
+    import pickle
+
+    from ddm_ray.cli import build_parser, configs_from_args
+    from ddm_ray.engine.local import LocalExecutor
+    from ddm_ray.pipeline import Run
+
+    tr, te = tiny_parquet
+    cfg, exe = configs_from_args(build_parser().parse_args(
+        ["run", "--train", tr, "--test", te, *TINY_RUN, "--block-units", "2"]))
+    shipped = []
+
+    class Capturing(LocalExecutor):
+        def evaluate(self, job, blocks):
+            for _block, weight in blocks:
+                shipped.append((weight.shape, len(pickle.dumps(weight)), weight.untyped_storage().nbytes()))
+            return super().evaluate(job, blocks)
+
+    Run(cfg, exe, str(tmp_path / "c"), Capturing()).execute()
+    assert len(shipped) == 3
+    for shape, pickled, storage in shipped:
+        assert shape[0] == 2 and storage == shape[0] * shape[1] * 4  # its own storage, nothing more
+        assert pickled < storage + 2048
