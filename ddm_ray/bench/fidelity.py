@@ -2,9 +2,9 @@
 
 Stages (each timed; `fidelity.json` and `report.md` hold the results):
 
-1. Train the target model with its trajectory and units (`pipeline.train_offline`).
+1. Train the target model with its trajectory and units (`offline.train_offline`).
 2. Ground truth: exact leave-one-out retraining of each scored unit (same init, seed and order).
-3. DDM: synsets by `pipeline.distill_shard` (whatever distillation the RunConfig selects), online
+3. DDM: synsets by `distillation.distill_synsets` (whatever distillation the RunConfig selects), online
    rows by `core.online.evaluate_units`; every peer of `core.peers` on the same units.
    Scores: Pearson / Spearman over (unit, test) pairs and per test sample, per objective.
 4. Datamodel mode: random unit-removal masks (each unit removed with probability alpha); exact
@@ -37,9 +37,10 @@ from ddm_ray.core.online import evaluate_units
 from ddm_ray.core.synset import Synset
 from ddm_ray.core.training import train
 from ddm_ray.data import Dataset, load_dataset
+from ddm_ray.distillation import DistillJob, Shard, distill_shard, distill_synsets
 from ddm_ray.engine.fanout import FanOut
 from ddm_ray.errors import ConfigError
-from ddm_ray.pipeline import DistillJob, Offline, Shard, distill_shard, distill_synsets, train_offline
+from ddm_ray.offline import Offline, train_offline
 
 PEER_NAMES = (
     "class_indicator", "gradient_ascent", "tracin", "influence", "influence_linear", "influence_damped",

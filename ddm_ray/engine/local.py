@@ -7,8 +7,9 @@ from typing import Any, TypeVar
 
 import torch
 
+from ddm_ray.distillation import DistillJob, Shard, distill_shard
 from ddm_ray.engine import faults
-from ddm_ray.pipeline import Block, DistillJob, OnlineJob, Shard, distill_shard, online_context, run_block
+from ddm_ray.online_stage import Block, OnlineJob, online_context, run_block
 
 T = TypeVar("T")
 

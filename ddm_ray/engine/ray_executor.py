@@ -25,18 +25,10 @@ from typing import Any, TypeVar
 import ray
 import torch
 
+from ddm_ray.distillation import DistillJob, Shard, distill_shard
 from ddm_ray.engine import faults
 from ddm_ray.engine.placement import Placement
-from ddm_ray.pipeline import (
-    Block,
-    DistillJob,
-    OnlineContext,
-    OnlineJob,
-    Shard,
-    distill_shard,
-    online_context,
-    run_block,
-)
+from ddm_ray.online_stage import Block, OnlineContext, OnlineJob, online_context, run_block
 
 TASK_MAX_RETRIES = 3
 ACTOR_RESTARTS = 2  # a distillation shard whose actor dies is restarted on a new actor this often
@@ -50,15 +42,22 @@ class ShardDistiller:
     def __init__(self, device: str) -> None:
         self.device = device
         self._it: Iterator[tuple[str, dict[str, torch.Tensor]]] | None = None
+        self._error: BaseException | None = None
 
     def start(self, job: DistillJob, shard: Shard, threads: int = 1) -> None:
-        torch.set_num_threads(threads)
-        job.device = self.device  # explicit: never inferred from CUDA_VISIBLE_DEVICES
-        self._it = distill_shard(job, shard)
+        try:
+            torch.set_num_threads(threads)
+            job.device = self.device  # explicit: never inferred from CUDA_VISIBLE_DEVICES
+            self._it = distill_shard(job, shard)
+        except Exception as e:  # noqa: BLE001  reported by the next call, which the driver awaits
+            self._error = e
 
     def next(self) -> tuple[str, dict[str, torch.Tensor]] | None:
         """The next finished piece of the shard, or None when the shard is done."""
-        assert self._it is not None, "start() first"
+        if self._error is not None:
+            raise self._error
+        if self._it is None:
+            raise RuntimeError("distillation shard not started")
         return next(self._it, None)
 
 
@@ -200,9 +199,11 @@ class RayExecutor:
         seen: set[str] = set()
 
         def launch(i: int) -> Any:
+            """A fresh actor on shard i; its first piece's ref (calls on an actor run in order, so
+            a death in start surfaces there, where the loop below restarts the shard)."""
             actors[i] = actor_cls.remote(p.device)
             gpu_ids[i] = ray.get(actors[i].gpu_ids.remote())
-            ray.get(actors[i].start.remote(job_ref, shards[i], self._threads()))
+            actors[i].start.remote(job_ref, shards[i], self._threads())
             return actors[i].next.remote()
 
         try:

@@ -25,6 +25,20 @@ from ddm_ray.errors import RunStateError, StorageError
 LEASE = "lease.json"
 
 
+def _holder_gone(held: dict[str, Any]) -> bool:
+    """True when the lease was taken on this host by a process that no longer exists (killed):
+    then it is stale at once, without waiting for its heartbeat to age."""
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(held.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
+
+
 class Lease:
     """Hold `store`'s folder for this process (use as a context manager)."""
 
@@ -62,7 +76,7 @@ class Lease:
         held = self._read()
         if held is not None and held.get("owner") != self.owner:
             age = time.time() - float(held.get("heartbeat", 0))
-            if age < float(held.get("ttl_s", self.ttl_s)):
+            if age < float(held.get("ttl_s", self.ttl_s)) and not _holder_gone(held):
                 raise RunStateError(
                     f"{self.store.url} is in use by another run (pid {held.get('pid')} on {held.get('host')}, "
                     f"heartbeat {age:.0f}s ago); wait for it or choose another --out"

@@ -7,10 +7,10 @@ import io
 import pytest
 
 from ddm_ray.config import DistillConfig, OnlineConfig, RunConfig
+from ddm_ray.distillation import plan_shards, split_range, unrolled_solver
 from ddm_ray.engine.placement import plan_placement
 from ddm_ray.engine.progress import Progress
 from ddm_ray.errors import ConfigError
-from ddm_ray.pipeline import plan_shards, split_range, unrolled_solver
 
 
 def test_auto_uses_one_actor_per_gpu_when_the_cluster_has_gpus() -> None:

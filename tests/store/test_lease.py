@@ -101,3 +101,15 @@ def test_two_runs_started_together_exactly_one_proceeds(tmp_path):
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["config"]["train"]["seed"] == winner_seed
     assert not (Path(out) / LEASE).exists()
+
+
+def test_a_lease_of_a_dead_local_process_is_taken_over_at_once(tmp_path):
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store = RunStore(str(tmp_path / "run"))
+    store.write_json(LEASE, {"owner": "killed", "pid": dead.pid, "host": socket.gethostname(),
+                             "heartbeat": time.time(), "ttl_s": 60})
+    with Lease(store, ttl_s=60, settle_s=0.1) as lease:
+        assert json.loads(store.read_bytes(LEASE))["owner"] == lease.owner
