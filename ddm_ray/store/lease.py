@@ -3,7 +3,8 @@
 The lease is `<out>/lease.json` = {owner, pid, host, heartbeat (unix s), ttl_s}. A run takes it
 before it touches anything, renews the heartbeat from a background thread every ttl/4 seconds and
 removes it when it ends. Another run finds a live lease and is refused with one line; a lease whose
-heartbeat is older than its ttl (the holder was killed) is taken over.
+heartbeat is older than its ttl, or whose holder process on this host no longer exists (kill -9),
+is taken over.
 
 Taking it is race-safe without a lock service: write the lease, wait `settle_s`, read it back and
 proceed only if it is still ours (object stores give read-after-write consistency, so of two runs
