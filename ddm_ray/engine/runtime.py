@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 from urllib.parse import urlparse
 
@@ -63,16 +64,19 @@ def start_or_join(
 ) -> bool:
     """Make sure this process is connected to Ray; returns True if it started a local runtime
     (which the caller then shuts down)."""
+    # Ray reads its auth mode once, at import. Ray 2.60 binds its local runtime to every interface
+    # (it resolves 127.0.0.1 to the node's address), so a runtime we start gets token auth unless
+    # the user chose a mode or Ray was imported before we could choose; a cluster we join keeps
+    # the mode it was started with (disabled unless the user says so). `cli.choose_ray_auth` makes
+    # the same choice before any import.
+    target = cluster_address(address)
+    imported = "ray" in sys.modules
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled" if (target or imported) else "token")
     import ray
 
     log = log or (lambda msg: None)
     if ray.is_initialized():
         return False
-    target = cluster_address(address)
-    # Ray 2.60 binds its local runtime to every interface (it resolves 127.0.0.1 to the node's
-    # address), so a runtime we start is protected by token auth unless the user chose a mode;
-    # a cluster we join keeps the mode it was started with (disabled unless the user says so)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled" if target else "token")
     try:
         if target:
             probe = address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS")
