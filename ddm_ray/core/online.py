@@ -75,7 +75,7 @@ def activation_numel(net: Network, params: Params, sample: torch.Tensor) -> int:
 
 
 def choose_online_batch(
-    net: Network, params: Params, n_test: int, ipc: int, steps: int, budget_bytes: int, cap: int = 1024
+    net: Network, params: Params, n_test: int, samples: int, steps: int, budget_bytes: int, cap: int = 1024
 ) -> tuple[int, int]:
     """(B, test_chunk) that fit `budget_bytes`, float32 throughout.
 
@@ -88,8 +88,8 @@ def choose_online_batch(
     sample = torch.zeros(1, *net.input_shape, device=device)
     a = activation_numel(net, params, sample)
     # one step: a unit costs its move (the shared per-sample gradients are chunked separately);
-    # more steps fine-tune a copy per unit on `ipc` samples with saved activations
-    per_unit = 4 * (p * (2 * steps + 2) + (ipc * a * 4 * steps if steps > 1 else 0))
+    # more steps fine-tune a copy per unit on the `samples` of its synset with saved activations
+    per_unit = 4 * (p * (2 * steps + 2) + (samples * a * 4 * steps if steps > 1 else 0))
     b = int(max(1, min(cap, (budget_bytes // 2) // max(1, per_unit))))
     if device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in net.module.modules()):
         # vmapped convolutions run as grouped convolutions, which CPU kernels do slowly:
