@@ -5,3 +5,14 @@ then answer leave-one-out questions by fine-tuning on synsets instead of retrain
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy: `import ddm_ray` stays light (no torch)
+    if name in ("open_run", "AuditRun"):
+        from ddm_ray import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'ddm_ray' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "open_run", "AuditRun"]
