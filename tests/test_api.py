@@ -53,6 +53,7 @@ def test_readme_python_snippet_runs(tmp_path, capsys):
     out = str(tmp_path / "ddm-out")
     assert main(["run", "--out", out, "--engine", "local", "--quiet", "--max-train", "300", "--epochs", "3",
                  "--clusters-per-class", "2"]) == 0
+    capsys.readouterr()
     scope: dict = {}
     exec(compile(code.replace("./ddm-out", out), "README", "exec"), scope)
     printed = capsys.readouterr().out.split()
