@@ -21,7 +21,7 @@ from ddm_ray.config import RunConfig
 from ddm_ray.core.metrics import agreement
 from ddm_ray.core.models import Network, Params
 from ddm_ray.core.objectives import all_objectives
-from ddm_ray.core.training import train
+from ddm_ray.core.training import retrain_without
 from ddm_ray.data import Dataset, load_dataset
 from ddm_ray.engine.fanout import FanOut
 from ddm_ray.errors import RunStateError
@@ -81,7 +81,7 @@ def _retrain_delta(job: _RetrainJob, unit: int) -> tuple[torch.Tensor, float]:
     """Exact leave-one-out: retrain without `unit`; (n_obj, N_test) deltas and seconds taken."""
     net = Network(job.cfg.model, job.ds.input_shape, job.ds.num_classes)
     t0 = time.perf_counter()
-    p = train(net, job.params0, job.ds.x_train, job.ds.y_train, job.cfg.train, keep=job.unit_of != unit).final
+    p = retrain_without(net, job.params0, job.ds.x_train, job.ds.y_train, job.cfg.train, job.unit_of == unit)
     seconds = time.perf_counter() - t0
     return _objectives(net, p, job.ds, job.cfg.online.objectives) - job.base, seconds
 

@@ -35,7 +35,7 @@ from ddm_ray.core.models import Network, Params, flatten
 from ddm_ray.core.objectives import all_objectives
 from ddm_ray.core.online import evaluate_units
 from ddm_ray.core.synset import Synset
-from ddm_ray.core.training import train
+from ddm_ray.core.training import retrain_without
 from ddm_ray.data import Dataset, load_dataset
 from ddm_ray.distillation import DistillJob, Shard, distill_shard, distill_synsets
 from ddm_ray.engine.fanout import FanOut
@@ -108,7 +108,7 @@ def _retrain_chunk(job: _RetrainJob, keeps: torch.Tensor) -> torch.Tensor:
     net = Network(job.cfg.model, job.input_shape, job.num_classes)
     out = []
     for keep in keeps:
-        p = train(net, job.params0, job.x_train, job.y_train, job.cfg.train, keep=keep).final
+        p = retrain_without(net, job.params0, job.x_train, job.y_train, job.cfg.train, ~keep)
         with torch.no_grad():
             out.append(net.logits(p, job.x_test))
     return torch.stack(out)
