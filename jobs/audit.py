@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the working dir
 
-from ddm_ray.cli import _logger, _Parser, add_run_arguments, configs_from_args  # noqa: E402
+from ddm_ray.cli.common import _logger, _Parser
+from ddm_ray.cli.run import add_run_arguments, configs_from_args  # noqa: E402
 from ddm_ray.errors import DDMError  # noqa: E402
 
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="jobs/audit.py", description="DDM audit as a Ray job: offline + online rows into --out")
     add_run_arguments(p)
     a = p.parse_args(argv)
-    from ddm_ray.cli import choose_ray_auth
+    from ddm_ray.cli.common import choose_ray_auth
 
     choose_ray_auth(a.address)
     try:

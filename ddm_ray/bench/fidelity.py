@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ddm_ray.bench.config import BenchConfig
 from ddm_ray.config import RunConfig
 from ddm_ray.core import peers
 from ddm_ray.core.datamodel import additive_prediction, fit_datamodel, lds, predict, random_masks
@@ -39,56 +40,7 @@ from ddm_ray.core.training import retrain_without
 from ddm_ray.data import Dataset, load_dataset
 from ddm_ray.distillation import DistillJob, Shard, distill_shard, distill_synsets
 from ddm_ray.engine.fanout import FanOut
-from ddm_ray.errors import ConfigError
 from ddm_ray.offline import Offline, train_offline
-
-PEER_NAMES = (
-    "class_indicator", "gradient_ascent", "tracin", "influence", "influence_linear", "influence_damped",
-    "unrolled", "unrolled_linear",
-)
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What the benchmark measures and how much work it does (the RunConfig fixes the model)."""
-
-    units: int | None = field(default=None, metadata={"help": "score N units (seeded sample; default all)"})
-    masks: int = field(default=50, metadata={"help": "retrained removal masks for LDS"})
-    fit_masks: int = field(default=200, metadata={"help": "DDM masks for the ridge datamodel fit"})
-    alpha: float = field(default=0.1, metadata={"help": "probability that a mask removes a unit"})
-    ridge: float = 1e-3
-    peers: tuple[str, ...] = PEER_NAMES
-    ga_steps: int = 1
-    if_damping: float = 0.05
-    if_curvature: str = field(default="abs", metadata={"help": "abs (|eigenvalues| + damping) | damped (H + damping I)"})
-    if_max_exact: int = 20_000
-    skip_quality: bool = False
-    noise_fraction: float = 0.1
-    noise_kind: str = field(default="pair", metadata={"help": "pair (y -> y+1 mod C) | uniform (any other class)"})
-    quality_peers: tuple[str, ...] = ("class_indicator", "gradient_ascent", "tracin", "unrolled_linear")
-    remove_fractions: tuple[float, ...] = (0.01, 0.1, 0.2, 0.5)
-    random_repeats: int = 3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        def check(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        check(self.units is None or self.units >= 2, "--units must be >= 2")
-        check(self.masks >= 0, "--masks must be >= 0")
-        check(self.fit_masks >= 0, "--fit-masks must be >= 0")
-        check(0 < self.alpha < 1, "--alpha must be in (0, 1)")
-        check(self.ridge >= 0, "--ridge must be >= 0")
-        bad = [p for p in (*self.peers, *self.quality_peers) if p not in PEER_NAMES]
-        check(not bad, f"unknown peers {bad}; choose from {PEER_NAMES}")
-        check(self.ga_steps >= 1, "--ga-steps must be >= 1")
-        check(self.if_damping >= 0, "--if-damping must be >= 0")
-        check(self.if_curvature in ("abs", "damped"), "--if-curvature must be abs or damped")
-        check(0 <= self.noise_fraction < 1, "--noise-fraction must be in [0, 1)")
-        check(self.noise_kind in ("pair", "uniform"), "--noise-kind must be pair or uniform")
-        check(all(0 < f < 1 for f in self.remove_fractions), "--remove-fractions must be in (0, 1)")
-        check(self.random_repeats >= 1, "--random-repeats must be >= 1")
 
 
 # ---- retraining (the ground truth), fanned out ------------------------------------------------------

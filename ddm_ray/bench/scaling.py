@@ -18,34 +18,13 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
 
+from ddm_ray.bench.config import ScalingConfig
 from ddm_ray.config import DataConfig, ExecConfig, RunConfig, UnitConfig
-from ddm_ray.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class ScalingConfig:
-    """What the scaling benchmark runs (the RunConfig's data section is replaced by the synthetic set)."""
-
-    units: tuple[int, ...] = field(default=(100, 300, 1000), metadata={"help": "unit counts U"})
-    train: int = field(default=10_000, metadata={"help": "synthetic training samples"})
-    test: int = field(default=2_000, metadata={"help": "synthetic test samples"})
-    features: int = field(default=256, metadata={"help": "synthetic input features"})
-    classes: int = field(default=10, metadata={"help": "synthetic classes"})
-    validate_units: int = field(default=20, metadata={"help": "units retrained exactly per U"})
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.units or min(self.units) < self.classes:
-            raise ConfigError(f"every unit count must be >= the number of classes ({self.classes})")
-        if self.train < max(self.units) or self.test < 1 or self.features < 1 or self.classes < 2:
-            raise ConfigError("synthetic data needs train >= units, test >= 1, features >= 1, classes >= 2")
-        if self.validate_units < 2:
-            raise ConfigError("validate at least 2 units")
 
 
 def synthetic_data(cfg: ScalingConfig, folder: str) -> tuple[str, str]:

@@ -1,0 +1,3 @@
+from ddm_ray.cli import main
+
+raise SystemExit(main())

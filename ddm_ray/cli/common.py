@@ -1,0 +1,80 @@
+"""Pieces every subcommand shares: the one-line-error parser, storage options, logging, Ray auth.
+
+Nothing here imports torch or Ray: `ddm-ray --help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from ddm_ray.errors import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        sys.stderr.write(f"ddm-ray: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,28,28, got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,28,28, got {text!r}")
+    return dims
+
+
+def _kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def add_storage_arguments(p: argparse.ArgumentParser) -> None:
+    """--storage-option KEY=VALUE (no credentials) and --storage-options-file PATH."""
+    p.add_argument("--storage-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="s3fs option, e.g. endpoint_url=http://127.0.0.1:9000 (no credentials here: "
+                        "use AWS_* variables or --storage-options-file)")
+    p.add_argument("--storage-options-file", metavar="PATH",
+                   help="key=value lines of storage options, credentials included (kept out of argv)")
+
+
+def storage_options_from_args(a: argparse.Namespace) -> dict[str, str]:
+    """--storage-options-file, then --storage-option on top. Credentials on the command line are
+    refused: argv shows in process lists, `ray job list` and job logs."""
+    from ddm_ray.store.fs import SECRET_KEYS, storage_options_file
+
+    given = dict(getattr(a, "storage_option", []) or [])
+    leaked = sorted(k for k in given if k.lower() in SECRET_KEYS)
+    if leaked:
+        raise ConfigError(
+            f"--storage-option {leaked[0]}=... puts a credential on the command line; set it in the "
+            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or in --storage-options-file"
+        )
+    path = getattr(a, "storage_options_file", None)
+    return {**(storage_options_file(path) if path else {}), **given}
+
+
+def _logger(quiet: bool) -> Any:
+    def log(msg: str) -> None:
+        if not quiet:
+            print(f"[ddm-ray {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def choose_ray_auth(address: str | None) -> None:
+    """Before anything imports Ray (it reads the mode once): a runtime this command starts for
+    itself uses token auth, since Ray 2.60 listens on every interface; joining a cluster keeps
+    auth disabled unless RAY_AUTH_MODE says otherwise."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "disabled" if (address or os.environ.get("RAY_ADDRESS")) else "token"
+
+
