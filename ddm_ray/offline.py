@@ -70,22 +70,51 @@ def train_offline(cfg: RunConfig, dataset: Dataset, device: str = "cpu") -> Offl
 
 
 def units_table(off: Offline) -> pa.Table:
-    ids = off.dataset.train_ids
-    rows_members = [ids[off.units.members(u)].tolist() for u in range(off.units.num_units)]
+    """units.parquet: one row per unit with its label, members (training ids) and size."""
+    ids, ds, units = off.dataset.train_ids, off.dataset, off.units
+    members = [ids[units.members(u)].tolist() for u in range(units.num_units)]
+    labels = [int(c) for c in units.label]
     return pa.table(
         {
-            "unit_id": pa.array(range(off.units.num_units), pa.int64()),
-            "label": pa.array([off.dataset.classes[int(c)] for c in off.units.label], pa.int64()),
-            "sample_ids": pa.array(rows_members, pa.list_(pa.int64())),
-            "level": pa.array(["cluster"] * off.units.num_units, pa.string()),
+            "unit_id": pa.array(range(units.num_units), pa.int64()),
+            "label": pa.array([ds.classes[c] if c >= 0 else -1 for c in labels], pa.int64()),
+            "label_name": pa.array([ds.name_of(c) if c >= 0 else "mixed" for c in labels], pa.string()),
+            "sample_ids": pa.array(members, pa.list_(pa.int64())),
+            "level": pa.array([units.level] * units.num_units, pa.string()),
+            "size": pa.array([len(m) for m in members], pa.int64()),
         },
         schema=UNITS_SCHEMA,
     )
 
 
-def test_index_table(dataset: Dataset) -> pa.Table:
-    n = dataset.test_ids.numel()
+def test_predictions(net: Network, params: Params, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained model on the test set: predicted class index (N,) int64 and loss (N,) float32."""
+    preds, losses = [], []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], chunk):
+            logits = net.logits(params, x[i : i + chunk])
+            preds.append(logits.argmax(1))
+            losses.append(torch.nn.functional.cross_entropy(logits, y[i : i + chunk], reduction="none"))
+    return torch.cat(preds), torch.cat(losses).float()
+
+
+def test_index_table(off: Offline) -> pa.Table:
+    """test_index.parquet: the column (0-based position) of every test sample in each row's delta
+    list, with its true label and the trained model's prediction, loss and correctness."""
+    ds = off.dataset
+    pred, loss = test_predictions(off.net, off.traj.final, ds.x_test, ds.y_test)
+    y = ds.y_test.tolist()
+    p = pred.tolist()
     return pa.table(
-        {"position": pa.array(range(n), pa.int64()), "test_id": pa.array(dataset.test_ids.tolist(), pa.int64())},
+        {
+            "position": pa.array(range(len(y)), pa.int64()),
+            "test_id": pa.array(ds.test_ids.tolist(), pa.int64()),
+            "label": pa.array([ds.classes[c] for c in y], pa.int64()),
+            "label_name": pa.array([ds.name_of(c) for c in y], pa.string()),
+            "predicted": pa.array([ds.classes[c] for c in p], pa.int64()),
+            "predicted_name": pa.array([ds.name_of(c) for c in p], pa.string()),
+            "loss": pa.array(loss.numpy(), pa.float32()),
+            "correct": pa.array([a == b for a, b in zip(y, p, strict=True)], pa.bool_()),
+        },
         schema=TEST_INDEX_SCHEMA,
     )

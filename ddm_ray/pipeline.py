@@ -178,7 +178,7 @@ class Run:
         self._stage("train_and_units", t0)
         # the tables first: a resume that finds the model takes the tables as written too
         self.store.write_table(RunStore.UNITS, units_table(off))
-        self.store.write_table(RunStore.TEST_INDEX, test_index_table(dataset))
+        self.store.write_table(RunStore.TEST_INDEX, test_index_table(off))
         self.store.write_torch(
             RunStore.MODEL,
             {

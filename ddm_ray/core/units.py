@@ -18,6 +18,7 @@ class Units:
 
     unit_of: torch.Tensor
     label: torch.Tensor
+    level: str = "cluster"  # how units were formed: "cluster" (k-means in a class) or "column:<name>"
 
     @property
     def num_units(self) -> int:

@@ -31,12 +31,19 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     test_ids: torch.Tensor
-    classes: list[int]  # original label of each class index
+    classes: list[int]  # label of each class index as in the data (its index for string labels)
     input_shape: tuple[int, ...]
+    class_names: list[str] | None = None  # the data's label names (string labels), in class order
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def name_of(self, class_index: int) -> str:
+        """The label of a class index as the data wrote it."""
+        if self.class_names is not None:
+            return self.class_names[class_index]
+        return str(self.classes[class_index])
 
 
 def _finish(

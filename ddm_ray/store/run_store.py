@@ -41,15 +41,23 @@ ATTRIBUTION_SCHEMA = pa.schema(
 UNITS_SCHEMA = pa.schema(
     [
         pa.field("unit_id", pa.int64(), nullable=False),
-        pa.field("label", pa.int64(), nullable=False),
-        pa.field("sample_ids", pa.list_(pa.int64()), nullable=False),
-        pa.field("level", pa.string(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),  # class label (-1: a unit spanning classes)
+        pa.field("label_name", pa.string(), nullable=False),  # the label as in the data ("mixed" if spanning)
+        pa.field("sample_ids", pa.list_(pa.int64()), nullable=False),  # training ids of the members
+        pa.field("level", pa.string(), nullable=False),  # "cluster" (k-means) or "column:<name>"
+        pa.field("size", pa.int64(), nullable=False),
     ]
 )
 TEST_INDEX_SCHEMA = pa.schema(
     [
-        pa.field("position", pa.int64(), nullable=False),
+        pa.field("position", pa.int64(), nullable=False),  # 0-based index into every row's delta list
         pa.field("test_id", pa.int64(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),  # true class label (as in the data, or its index)
+        pa.field("label_name", pa.string(), nullable=False),
+        pa.field("predicted", pa.int64(), nullable=False),  # the trained model's prediction (same coding)
+        pa.field("predicted_name", pa.string(), nullable=False),
+        pa.field("loss", pa.float32(), nullable=False),  # cross-entropy of the trained model
+        pa.field("correct", pa.bool_(), nullable=False),
     ]
 )
 
