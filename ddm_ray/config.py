@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,16 @@ TARGET_SOLVERS = ("auto", "adjoint", "forward")
 UNIT_FEATURES = ("input", "penultimate")
 
 
+def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+        factory: Any = None) -> Any:
+    """A config field with what the CLI and TOML need: help text, flag name (default: the field
+    name with dashes; "" hides it from the CLI) and choices. Flags are generated from these."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -30,22 +41,28 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the training and test data come from."""
+    """Where the training and test data come from, and which Parquet columns hold what."""
 
-    dataset: str = field(default="digits", metadata={"help": "digits | parquet | mnist | cifar10"})
-    train: str | None = field(default=None, metadata={"help": "parquet train file (path or URL)"})
-    test: str | None = field(default=None, metadata={"help": "parquet test file (path or URL)"})
-    root: str | None = field(default=None, metadata={"help": "folder of MNIST idx / CIFAR-10 files"})
-    input_shape: tuple[int, ...] | None = field(
-        default=None, metadata={"help": "sample shape C,H,W for parquet data (default flat)"}
-    )
-    max_train: int | None = field(default=None, metadata={"help": "keep the first N train samples"})
-    max_test: int | None = field(default=None, metadata={"help": "keep the first N test samples"})
+    dataset: str = opt("digits", "built-in dataset, or parquet (chosen by itself when --train/--test are given)",
+                       choices=DATASETS)
+    train: str | None = opt(None, "training Parquet file (path or fsspec URL)")
+    test: str | None = opt(None, "test Parquet file, same columns")
+    root: str | None = opt(None, "folder of MNIST idx / CIFAR-10 python files", flag="data-root")
+    input_shape: tuple[int, ...] | None = opt(
+        None, "sample shape, e.g. 1,28,28 (default: images keep theirs, lists stay flat)")
+    max_train: int | None = opt(None, "keep the first N training samples")
+    max_test: int | None = opt(None, "keep the first N test samples")
+    x_column: str = opt("x", "Parquet input column: list of numbers, PNG/JPEG bytes, or {bytes, path} images")
+    y_column: str = opt("y", "Parquet label column: integers or strings (mapped to classes in sorted order)")
+    id_column: str = opt("id", "Parquet integer id column (when absent: the row number)")
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose from {DATASETS}")
         if self.dataset == "parquet":
             _check(bool(self.train) and bool(self.test), "dataset parquet needs --train and --test")
+        else:
+            _check(not self.train and not self.test,
+                   f"--train/--test are Parquet files, but --dataset is {self.dataset}; drop one of them")
         if self.dataset in ("mnist", "cifar10"):
             _check(bool(self.root), f"dataset {self.dataset} needs --data-root")
         if self.input_shape is not None:
@@ -56,19 +73,31 @@ class DataConfig:
         for name in ("max_train", "max_test"):
             v = getattr(self, name)
             _check(v is None or v >= 1, f"{name} must be >= 1")
+        for name in ("x_column", "y_column", "id_column"):
+            _check(bool(getattr(self, name)), f"{name} must not be empty")
+        _check(len({self.x_column, self.y_column, self.id_column}) == 3, "x, y and id columns must differ")
+
+
+_MODEL_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network trained on the data."""
+    """The network trained on the data: a built-in name or the user's `module:factory`."""
 
-    arch: str = field(default="mlp", metadata={"help": "mlp | convnet"})
-    hidden: tuple[int, ...] = field(default=(64, 64), metadata={"help": "MLP hidden widths"})
-    conv_channels: tuple[int, int] = field(default=(32, 64), metadata={"help": "ConvNet channels"})
-    fc_width: int = field(default=128, metadata={"help": "ConvNet fully connected width"})
+    arch: str = opt("mlp", "mlp | convnet | package.module:factory (factory(input_shape, num_classes) -> "
+                    "torch.nn.Module, importable from the working directory or PYTHONPATH)", flag="model")
+    hidden: tuple[int, ...] = opt((64, 64), "MLP hidden widths, e.g. 64,64")
+    conv_channels: tuple[int, int] = opt((32, 64), "ConvNet channels of its two conv layers")
+    fc_width: int = opt(128, "ConvNet fully connected width")
+
+    @property
+    def is_user_model(self) -> bool:
+        return self.arch not in ARCHS
 
     def __post_init__(self) -> None:
-        _check(self.arch in ARCHS, f"unknown model {self.arch!r}; choose from {ARCHS}")
+        _check(self.arch in ARCHS or bool(_MODEL_REF.match(self.arch)),
+               f"unknown model {self.arch!r}; choose mlp, convnet or package.module:factory")
         _check(all(h >= 1 for h in self.hidden), "hidden widths must be >= 1")
         _check(len(self.conv_channels) == 2 and min(self.conv_channels) >= 1, "two conv widths >= 1")
         _check(self.fc_width >= 1, "fc width must be >= 1")
@@ -78,12 +107,12 @@ class ModelConfig:
 class TrainConfig:
     """Training of the target model (plain or momentum SGD, fixed seed and data order)."""
 
-    epochs: int = 30
-    batch_size: int = 100
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    seed: int = 0
+    epochs: int = opt(30, "training epochs")
+    batch_size: int = opt(100, "training batch size")
+    lr: float = opt(0.1, "training learning rate (SGD)")
+    momentum: float = opt(0.0, "SGD momentum")
+    weight_decay: float = opt(0.0, "SGD weight decay")
+    seed: int = opt(0, "seed of init, data order, k-means and distillation")
 
     def __post_init__(self) -> None:
         _check(1 <= self.epochs <= 100_000, "epochs must be in [1, 100000]")
@@ -95,17 +124,24 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class UnitConfig:
-    """How each class is split into removable units."""
+    """What the removable units are: k-means clusters inside each class (default), or every
+    distinct value of a training column (`from_column`), which may span classes."""
 
-    clusters_per_class: int = field(default=8, metadata={"help": "K: k-means clusters per class"})
-    features: str = field(default="input", metadata={"help": "input | penultimate"})
-    kmeans_iters: int = 50
-    seed: int = 0
+    clusters_per_class: int = opt(8, "k-means clusters per class (K)")
+    features: str = opt("input", "k-means space: input | penultimate", flag="unit-features", choices=UNIT_FEATURES)
+    kmeans_iters: int = opt(50, "k-means iterations")
+    seed: int = opt(0, "", flag="seed")
+    from_column: str | None = opt(None, "one unit per distinct value of this training column (e.g. source)",
+                                  flag="units-from")
+    min_size: int = opt(5, "k-means: merge clusters smaller than this into their nearest cluster",
+                        flag="min-unit-size")
 
     def __post_init__(self) -> None:
         _check(1 <= self.clusters_per_class <= 1_000_000, "clusters per class (K) must be in [1, 1000000]")
         _check(self.features in UNIT_FEATURES, f"unit features must be one of {UNIT_FEATURES}")
         _check(self.kmeans_iters >= 1, "k-means iterations must be >= 1")
+        _check(self.min_size >= 1, "min unit size must be >= 1")
+        _check(self.from_column is None or bool(self.from_column), "--units-from needs a column name")
 
 
 @dataclass(frozen=True)
@@ -129,40 +165,23 @@ class DistillConfig:
         seeded units (a converged model gets some influence, an unconverged one none).
     """
 
-    method: str = field(default="basis", metadata={"help": "basis | soft_label | literal"})
-    target: str = field(default="blend", metadata={"help": "basis: unrolled | influence | blend"})
-    target_solver: str = field(
-        default="auto",
-        metadata={"help": "unrolled target: adjoint (cost flat in units) | forward (per unit) | auto"},
-    )
-    probe_samples: int = field(
-        default=1024, metadata={"help": "basis: probe samples, class-stratified (the synthetic pool)"}
-    )
-    probe_rank: int = field(default=128, metadata={"help": "basis: probe subspace dimension k"})
-    probe_norm: float = field(
-        default=0.5, metadata={"help": "basis: probe gradients divided by their norm ** this"}
-    )
-    ridge: float = field(
-        default=1e-3, metadata={"help": "basis: shrinkage of weak probe directions (x largest)"}
-    )
-    influence_damping: float = field(
-        default=0.005, metadata={"help": "influence: damping relative to the largest curvature"}
-    )
-    blend_weight: float | None = field(
-        default=None,
-        metadata={"help": "blend: weight of the unrolled target; None: calibrated on exact retrainings"},
-    )
-    calibration_units: int = field(
-        default=4, metadata={"help": "blend calibration: units retrained exactly to choose the weight"}
-    )
-    unroll_epochs: int | None = field(
-        default=None, metadata={"help": "unroll only the last N epochs (None: all)"}
-    )
-    ipc: int = field(default=4, metadata={"help": "soft_label/literal: synthetic samples per unit"})
-    steps: int = field(default=300, metadata={"help": "soft_label/literal: matching steps"})
-    lr: float = field(default=0.05, metadata={"help": "soft_label/literal: Adam lr on the synset"})
-    max_gap: int = field(default=20, metadata={"help": "trajectory matching: s drawn from [1, max_gap)"})
-    seed: int = 0
+    method: str = opt("basis", "basis (default) | soft_label | literal", flag="distill-method", choices=DISTILL_METHODS)
+    target: str = opt("blend", "basis target: blend | unrolled | influence", choices=TARGETS)
+    target_solver: str = opt("auto", "unrolled target: adjoint (cost flat in units) | forward (per unit) | auto",
+                             choices=TARGET_SOLVERS)
+    probe_samples: int = opt(1024, "basis: class-stratified probe samples (the synsets' shared pool)")
+    probe_rank: int = opt(128, "basis: probe subspace dimension k")
+    probe_norm: float = opt(0.5, "basis: probe gradients divided by their norm ** this")
+    ridge: float = opt(1e-3, "basis: shrinkage of weak probe directions (x largest)", flag="basis-ridge")
+    influence_damping: float = opt(0.005, "influence: damping relative to the largest curvature")
+    blend_weight: float | None = opt(None, "blend: weight of the unrolled target (default: calibrated on exact retrainings)")
+    calibration_units: int = opt(4, "blend calibration: units retrained exactly to choose the weight")
+    unroll_epochs: int | None = opt(None, "unroll only the last N epochs (default: all)")
+    ipc: int = opt(4, "soft_label/literal: synthetic samples per unit")
+    steps: int = opt(300, "soft_label/literal: matching steps", flag="distill-steps")
+    lr: float = opt(0.05, "soft_label/literal: Adam lr on the synset", flag="distill-lr")
+    max_gap: int = opt(20, "soft_label/literal: trajectory gap s drawn from [1, max_gap)")
+    seed: int = opt(0, "", flag="seed")
 
     def __post_init__(self) -> None:
         _check(self.method in DISTILL_METHODS, f"distill method must be one of {DISTILL_METHODS}")
@@ -187,10 +206,11 @@ class DistillConfig:
 class OnlineConfig:
     """The fast-learn step: fine-tuning the final model on synsets, and what is measured."""
 
-    steps: int = 1
-    lr: float = 0.1
-    objectives: tuple[str, ...] = OBJECTIVES
-    precision: str = field(default="fp32", metadata={"help": "fp32 | tf32 | bf16 (GPU speed-ups)"})
+    steps: int = opt(1, "fine-tuning steps on a synset (basis synsets are solved for 1)", flag="online-steps")
+    lr: float = opt(0.1, "fine-tuning learning rate", flag="online-lr")
+    objectives: tuple[str, ...] = opt(OBJECTIVES, "what is measured on every test sample: loss,margin,correct")
+    precision: str = opt("fp32", "fp32 | tf32 | bf16 (GPU speed-ups)", flag="online-precision",
+                         choices=("fp32", "tf32", "bf16"))
 
     def __post_init__(self) -> None:
         _check(self.precision in ("fp32", "tf32", "bf16"), "precision must be fp32, tf32 or bf16")
@@ -216,6 +236,10 @@ class RunConfig:
             self.distill.method != "basis" or self.online.steps == 1,
             "basis synsets are solved for one online step; use --online-steps 1 "
             "(or --distill-method soft_label for multi-step fine-tuning)",
+        )
+        _check(
+            self.units.from_column is None or self.distill.method == "basis",
+            "--units-from units may span classes; the soft_label/literal synsets are per class: use --distill-method basis",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,15 +281,16 @@ class RunConfig:
 class ExecConfig:
     """How a run executes. Never changes results, so it is not hashed."""
 
-    engine: str = "ray"
-    device: str = "auto"
-    online_batch: int | None = None
-    block_units: int = 64
-    max_in_flight: int | None = None
-    num_cpus: int | None = None
-    resume: bool = False
-    storage_options: dict[str, str] = field(default_factory=dict)
-    connect_timeout_s: float = 30.0
+    engine: str = opt("ray", "ray | local (in-process, no Ray)", choices=("ray", "local"))
+    device: str = opt("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    online_batch: int | None = opt(None, "units fine-tuned together per pass (default: from free memory)")
+    block_units: int = opt(64, "units per online task and per Parquet part")
+    max_in_flight: int | None = opt(None, "online tasks in flight (default: 2 x workers)")
+    num_cpus: int | None = opt(None, "CPUs for a local Ray runtime")
+    resume: bool = opt(False, "finish an interrupted run in --out")
+    storage_options: dict[str, str] = opt(help="", flag="", factory=dict)
+    connect_timeout_s: float = opt(30.0, "seconds to wait for --address / RAY_ADDRESS to answer",
+                                   flag="connect-timeout")
 
     def __post_init__(self) -> None:
         _check(self.engine in ("ray", "local"), "engine must be ray or local")
@@ -274,3 +299,18 @@ class ExecConfig:
         _check(self.block_units >= 1, "block units must be >= 1")
         _check(self.max_in_flight is None or self.max_in_flight >= 1, "max in flight must be >= 1")
         _check(self.connect_timeout_s > 0, "connect timeout must be > 0")
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two `RunConfig.to_dict()`s, with both values,
+    e.g. ["train.epochs: 30 -> 5"]; fields only one side has count as differing."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_diff(a, b, name + "."))
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"{name}: {a} -> {b}")
+    return out
+

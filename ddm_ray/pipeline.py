@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 import ddm_ray
-from ddm_ray.config import ExecConfig, RunConfig
+from ddm_ray.config import ExecConfig, RunConfig, config_diff
 from ddm_ray.core.models import Network, flatten
 from ddm_ray.core.synset import Synset
 from ddm_ray.core.training import Trajectory
@@ -97,8 +97,11 @@ def _check_out(store: RunStore, cfg: RunConfig, resume: bool) -> dict[str, Any] 
     manifest = store.read_json(RunStore.MANIFEST)
     other = manifest.get("config_hash") if isinstance(manifest, dict) else None
     if other != cfg.hash():
+        old = manifest.get("config") if isinstance(manifest, dict) else None
+        diff = config_diff(old, cfg.to_dict()) if isinstance(old, dict) else []
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
         raise RunStateError(
-            f"{store.url} holds a run of another config (hash {other}, this one is {cfg.hash()}); "
+            f"{store.url} holds a run of another config ({shown or f'hash {other}'}); "
             "choose another --out or remove it"
         )
     return manifest

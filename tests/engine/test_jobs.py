@@ -92,7 +92,7 @@ def test_audit_job_writes_a_complete_run_to_s3(cluster: tuple[str, dict[str, str
     r = _submit(env, address, ["--out", "s3://ddm/job-run", "--storage-option", f"endpoint_url={moto_s3}",
                                "--device", "auto", *[t for t in TINY if t != "--quiet"]])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "audit complete: 60 rows" in r.stdout
+    assert "complete: 20 units x" in r.stdout
     store = RunStore("s3://ddm/job-run", {"endpoint_url": moto_s3, **{
         "key": "testing", "secret": "testing", "region": "us-east-1"}})
     manifest = store.read_json(RunStore.MANIFEST)
@@ -104,4 +104,4 @@ def test_bad_input_job_exits_non_zero(cluster: tuple[str, dict[str, str]]) -> No
     address, env = cluster
     r = _submit(env, address, ["--dataset", "parquet", "--out", "s3://ddm/bad", "--quiet"])
     assert r.returncode != 0
-    assert "audit: error: dataset parquet needs --train and --test" in r.stdout + r.stderr
+    assert "ddm-ray: error: dataset parquet needs --train and --test" in r.stdout + r.stderr
