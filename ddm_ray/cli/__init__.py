@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import ddm_ray
-from ddm_ray.cli import bench, inspect, run, validate
+from ddm_ray.cli import bench, inspect, report, run, validate
 from ddm_ray.cli.common import _Parser, choose_ray_auth
 from ddm_ray.cli.run import add_run_arguments, configs_from_args
 from ddm_ray.errors import DDMError
@@ -24,7 +24,7 @@ def build_parser() -> _Parser:
     p = _Parser(prog="ddm-ray", description="Distilled Datamodel attribution: which training data drive which predictions.")
     p.add_argument("--version", action="version", version=f"ddm-ray {ddm_ray.__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (run, validate, inspect, bench):
+    for module in (run, validate, inspect, report, bench):
         module.register(sub)
     return p
 

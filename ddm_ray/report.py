@@ -1,0 +1,548 @@
+"""`ddm-ray report`: one self-contained HTML page over a finished run.
+
+    write_report("./ddm-out")     # -> ./ddm-out/report/index.html, PNGs beside it
+
+The page holds a summary (data, accuracy, config, stage timings, fidelity from validation.json),
+the test samples worth a look (misclassified first, then highest loss, or the ids asked for) with
+the units that helped and hurt each one most and a few of their member samples, the units that
+hurt the most test samples, units that look like label problems, and histograms of unit effects.
+
+Where it is written: a local run folder gets `<run>/report/`; for a run on an object store
+(s3://...) give `report_out`, a local folder (the report is read from the store, written here).
+Every link in the page is relative, so the folder can be moved or zipped as a whole.
+
+Sign convention (as in `ddm_ray.api`): delta = f(model without the unit) - f(model). The page
+calls a unit *helpful* for a test sample when removing it makes that prediction worse (loss
+rises; margin or correctness falls) and *harmful* when removing it makes the prediction better.
+
+Samples are drawn with Pillow: as images when the input shape is (C, H, W) with C in 1 or 3, or
+(H, W); a flat input of n features is drawn as a grayscale square image when n is a perfect
+square of a side of at least 8 (the 64 features of digits: 8x8); any other input is drawn as a
+bar chart of its features. Charts use matplotlib's Agg canvas (no pyplot, no global backend).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ddm_ray.api import AuditRun, open_run
+from ddm_ray.errors import ConfigError, InputError, brief
+from ddm_ray.store.run_store import RunStore
+
+MEMBERS_SHOWN = 4  # member samples drawn per unit
+UNITS_LISTED = 8  # rows of each unit table
+_THUMB = 48  # pixel size samples are drawn at (nearest-neighbour upscale of small images)
+_BAR_W, _BAR_H = 96, 48
+
+
+# ---- how a sample is drawn ------------------------------------------------------------------
+def image_layout(input_shape: Sequence[int]) -> tuple[int, int, int] | None:
+    """(C, H, W) to draw a sample of `input_shape` as an image, or None to draw feature bars.
+
+    (C, H, W) with C in {1, 3} and (H, W) are images; a flat (n,) with n = s*s, s >= 8, is a
+    grayscale s x s image; anything else is not.
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) == 3 and shape[0] in (1, 3):
+        return shape[0], shape[1], shape[2]
+    if len(shape) == 2:
+        return 1, shape[0], shape[1]
+    if len(shape) == 1:
+        side = math.isqrt(shape[0])
+        if side >= 8 and side * side == shape[0]:
+            return 1, side, side
+    return None
+
+
+def draw_sample(x: np.ndarray, layout: tuple[int, int, int] | None, lo: float, hi: float) -> Any:
+    """A PIL image of one sample x (any shape with prod = C*H*W or n features), values scaled
+    from [lo, hi] to the full range: an upscaled image, or a bar chart of the features."""
+    from PIL import Image, ImageDraw
+
+    span = hi - lo if hi > lo else 1.0
+    flat = np.asarray(x, dtype=np.float32).reshape(-1)
+    if layout is not None:
+        c, h, w = layout
+        pix = np.clip((flat.reshape(c, h, w) - lo) / span * 255.0, 0, 255).astype(np.uint8)
+        img = Image.fromarray(pix[0], "L") if c == 1 else Image.fromarray(np.transpose(pix, (1, 2, 0)), "RGB")
+        scale = max(1, math.ceil(_THUMB / max(h, w)))
+        return img.resize((w * scale, h * scale), Image.NEAREST)
+    n = flat.size
+    if n > _BAR_W:  # more features than pixels: mean of equal bins
+        edges = np.linspace(0, n, _BAR_W + 1).astype(int)
+        flat = np.array([flat[a:b].mean() for a, b in zip(edges[:-1], edges[1:], strict=True)], np.float32)
+        n = _BAR_W
+    img = Image.new("RGB", (_BAR_W, _BAR_H), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    zero = _BAR_H - 1 - (0.0 - lo) / span * (_BAR_H - 1) if lo < 0 < hi else _BAR_H - 1
+    width = _BAR_W / n
+    for i, v in enumerate(flat):
+        y = _BAR_H - 1 - (float(np.clip(v, lo, hi)) - lo) / span * (_BAR_H - 1)
+        top, bottom = sorted((y, zero))
+        colour = (49, 99, 189) if v >= 0 else (200, 64, 64)
+        d.rectangle([i * width, top, max(i * width, (i + 1) * width - 1), bottom], fill=colour)
+    d.line([0, zero, _BAR_W, zero], fill=(120, 120, 120))
+    return img
+
+
+@dataclass
+class _Samples:
+    """Draws train and test samples into <report>/samples/, each once."""
+
+    folder: str
+    x_train: np.ndarray | None = None  # (N, *shape)
+    x_test: np.ndarray | None = None
+    train_row: dict[int, int] = field(default_factory=dict)
+    test_row: dict[int, int] = field(default_factory=dict)
+    layout: tuple[int, int, int] | None = None
+    shape: tuple[int, ...] | None = None  # the loaded input shape
+    lo: float = 0.0
+    hi: float = 1.0
+    written: set[str] = field(default_factory=set)
+
+    @property
+    def available(self) -> bool:
+        return self.x_train is not None
+
+    def _draw(self, kind: str, sample_id: int) -> str | None:
+        x, rows = (self.x_train, self.train_row) if kind == "train" else (self.x_test, self.test_row)
+        if x is None or sample_id not in rows:
+            return None
+        rel = f"samples/{kind}-{sample_id}.png"
+        if rel not in self.written:
+            draw_sample(x[rows[sample_id]], self.layout, self.lo, self.hi).save(
+                os.path.join(self.folder, rel), format="PNG", optimize=False
+            )
+            self.written.add(rel)
+        return rel
+
+    def train(self, sample_id: int) -> str | None:
+        return self._draw("train", sample_id)
+
+    def test(self, test_id: int) -> str | None:
+        return self._draw("test", test_id)
+
+
+def _load_samples(run: AuditRun, folder: str, storage_options: dict[str, str]) -> tuple[_Samples, str]:
+    """The run's inputs for drawing, and a one-line note (why they are missing, or how drawn)."""
+    samples = _Samples(folder)
+    try:
+        from ddm_ray.config import RunConfig
+        from ddm_ray.data import load_dataset
+
+        ds = load_dataset(RunConfig.from_dict(run.manifest["config"]).data, storage_options)
+    except Exception as e:  # noqa: BLE001  any failure here only costs the pictures
+        return samples, f"Sample images not drawn: the run's data could not be loaded ({brief(e)})."
+    samples.x_train = ds.x_train.numpy()
+    samples.x_test = ds.x_test.numpy()
+    samples.train_row = {int(i): r for r, i in enumerate(ds.train_ids.tolist())}
+    samples.test_row = {int(i): r for r, i in enumerate(ds.test_ids.tolist())}
+    samples.layout = image_layout(ds.input_shape)
+    samples.shape = tuple(ds.input_shape)
+    samples.lo, samples.hi = float(samples.x_train.min()), float(samples.x_train.max())
+    shape = "x".join(map(str, ds.input_shape))
+    if samples.layout is None:
+        how = f"as bar charts of their {math.prod(ds.input_shape)} features (blue >= 0, red < 0)"
+    elif len(ds.input_shape) == 1:
+        c, h, w = samples.layout
+        how = f"as {h}x{w} grayscale images (a flat input whose length is a perfect square >= 64 is drawn square)"
+    else:
+        how = "as images"
+    return samples, f"Samples (input shape {shape}) are drawn {how}, values scaled from [{samples.lo:.3g}, {samples.hi:.3g}]."
+
+
+# ---- HTML helpers ---------------------------------------------------------------------------
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{_e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list | tuple):
+        return ",".join(_fmt(x) for x in v)
+    return str(v)
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:16px 24px;color:#222;max-width:1400px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;border-bottom:2px solid #ddd;margin:28px 0 8px;padding-bottom:2px}
+h3{font-size:15px;margin:0 0 6px}nav a{margin-right:14px}.note{color:#555;margin:4px 0}
+table{border-collapse:collapse;margin:4px 0 10px}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.grid{display:flex;flex-wrap:wrap;gap:8px 28px}.grid>div{min-width:300px}
+.config td:first-child{font-weight:600}.config td{font-family:ui-monospace,monospace;font-size:12px}
+.test{border:1px solid #ccc;border-radius:6px;padding:8px;margin:10px 0;display:flex;gap:16px}
+.test.wrong{border-color:#d33;background:#fff7f7}.testside{width:150px;flex:none}
+.testimg{width:96px;height:96px;image-rendering:pixelated;border:1px solid #999;display:block;object-fit:contain}
+.rowlabel{font-weight:600;margin:4px 0 2px}.units{display:flex;flex-wrap:wrap;gap:6px}
+.unit{border:1px solid #ddd;border-radius:4px;padding:4px;font-size:12px;background:#fff}
+.unit.helpful{border-left:4px solid #2a8a2a}.unit.harmful{border-left:4px solid #c33}
+.member{width:48px;height:48px;image-rendering:pixelated;margin:1px;border:1px solid #bbb;object-fit:contain}
+.bars .member,.bars .testimg{width:96px;height:48px}.chart{max-width:100%}
+.pos{color:#2a8a2a}.neg{color:#c33}
+"""
+
+_SCRIPT = """
+window.addEventListener("load", function () {
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
+  document.body.setAttribute("data-images-loaded", String(ok));
+  document.body.setAttribute("data-images-total", String(imgs.length));
+});
+"""
+
+
+# ---- the report -----------------------------------------------------------------------------
+@dataclass
+class _Frame:
+    """What every section reads: the matrix and the two index tables, as numpy."""
+
+    objective: str
+    unit_ids: np.ndarray  # (U,)
+    helped: np.ndarray  # (U, N): > 0 where the unit helped the prediction (sign-normalised delta)
+    delta: np.ndarray  # (U, N) raw delta
+    unit_label: np.ndarray  # (U,) class label, -1 for mixed
+    unit_name: list[str]
+    unit_size: np.ndarray
+    unit_level: list[str]
+    unit_members: list[list[int]]
+    test_ids: np.ndarray  # (N,) in column order
+    test_label: np.ndarray
+    test_name: list[str]
+    pred_name: list[str]
+    test_loss: np.ndarray
+    test_correct: np.ndarray
+
+
+def _frame(run: AuditRun, objective: str) -> _Frame:
+    unit_ids, test_ids, delta = run.matrix(objective)
+    units = run.units().to_pydict()
+    order = {int(u): i for i, u in enumerate(units["unit_id"])}
+    missing = [int(u) for u in unit_ids if int(u) not in order]
+    if missing:
+        raise InputError(f"{run.store.url}: attribution rows for units missing from units.parquet: {missing[:5]}")
+    idx = [order[int(u)] for u in unit_ids]
+    ti = run.test_index().to_pydict()
+    pos = np.asarray(ti["position"], dtype=np.int64)
+    by_pos = np.argsort(pos, kind="stable")
+    if delta.ndim != 2 or delta.shape[1] != len(pos):
+        raise InputError(f"{run.store.url}: delta lists have {delta.shape[-1]} values, test_index.parquet {len(pos)} rows")
+
+    def col(name: str) -> list[Any]:
+        return [ti[name][i] for i in by_pos]
+
+    return _Frame(
+        objective=objective,
+        unit_ids=unit_ids,
+        helped=delta if objective == "loss" else -delta,
+        delta=delta,
+        unit_label=np.asarray([units["label"][i] for i in idx], dtype=np.int64),
+        unit_name=[str(units["label_name"][i]) for i in idx],
+        unit_size=np.asarray([units["size"][i] for i in idx], dtype=np.int64),
+        unit_level=[str(units["level"][i]) for i in idx],
+        unit_members=[list(units["sample_ids"][i]) for i in idx],
+        test_ids=np.asarray(col("test_id"), dtype=np.int64),
+        test_label=np.asarray(col("label"), dtype=np.int64),
+        test_name=[str(v) for v in col("label_name")],
+        pred_name=[str(v) for v in col("predicted_name")],
+        test_loss=np.asarray(col("loss"), dtype=np.float64),
+        test_correct=np.asarray(col("correct"), dtype=bool),
+    )
+
+
+def choose_tests(frame: _Frame, test_ids: Sequence[int] | None, max_tests: int) -> list[int]:
+    """Column positions to show: the given test ids (in order, each once), else misclassified
+    samples by descending loss, then correct ones by descending loss, `max_tests` in all."""
+    if test_ids:
+        where = {int(t): i for i, t in enumerate(frame.test_ids)}
+        unknown = [t for t in test_ids if int(t) not in where]
+        if unknown:
+            raise InputError(f"test id {unknown[0]} is not in this run's test set")
+        return list(dict.fromkeys(where[int(t)] for t in test_ids))
+    order = np.lexsort((-frame.test_loss, frame.test_correct))  # last key first: wrong before right
+    return [int(i) for i in order[:max_tests]]
+
+
+def _delta_text(frame: _Frame, value: float) -> str:
+    cls = "pos" if value * (1 if frame.objective == "loss" else -1) > 0 else "neg"
+    return f'<span class="{cls}">&Delta; {value:+.4g}</span>'
+
+
+def _unit_card(frame: _Frame, row: int, samples: _Samples, kind: str, stat: str) -> str:
+    members = frame.unit_members[row][:MEMBERS_SHOWN]
+    imgs = []
+    for sid in members:
+        rel = samples.train(int(sid))
+        if rel is not None:
+            imgs.append(f'<img class="member" src="{_e(rel)}" alt="train sample {int(sid)}" '
+                        f'title="train sample {int(sid)}" data-sample-id="{int(sid)}">')
+    uid = int(frame.unit_ids[row])
+    return (
+        f'<div class="unit {_e(kind)}" data-unit-id="{uid}">'
+        f"<div><b>unit {uid}</b> &middot; label {_e(frame.unit_name[row])} &middot; "
+        f"{int(frame.unit_size[row])} members &middot; {stat}</div>"
+        f"<div>{''.join(imgs)}</div></div>"
+    )
+
+
+def _summary(run: AuditRun, frame: _Frame, samples: _Samples, sample_note: str, validation: dict[str, Any] | None) -> str:
+    m = run.manifest
+    cfg = m.get("config", {})
+    data = cfg.get("data", {})
+    counts = m.get("counts", {})
+    classes = sorted({(int(lab), name) for lab, name in zip(frame.test_label, frame.test_name, strict=True)})
+    class_names = ", ".join(name for _lab, name in classes)
+    shape = samples.shape or data.get("input_shape")
+    n_wrong = int((~frame.test_correct).sum())
+    acc = float(frame.test_correct.mean()) if frame.test_correct.size else float("nan")
+    data_rows = [
+        ("dataset", _e(data.get("dataset"))),
+        *[(k, _e(data[k])) for k in ("train", "test", "root") if data.get(k)],
+        ("training samples", _e(counts.get("train_samples", "?"))),
+        ("test samples", _e(len(frame.test_ids))),
+        ("classes", _e(f"{counts.get('classes', len(classes))}: {class_names}")),
+        ("input shape", _e("x".join(map(str, shape)) if shape else "as stored (flat unless an image format)")),
+        ("units", _e(f"{len(frame.unit_ids)} ({', '.join(sorted(set(frame.unit_level)))})")),
+        ("model", _e(f"{cfg.get('model', {}).get('arch', '?')}, {counts.get('parameters', '?')} parameters")),
+        ("test accuracy", _e(f"{acc:.2%} ({n_wrong} of {len(frame.test_ids)} misclassified)")),
+    ]
+    timings = m.get("timings_seconds", {})
+    timing_rows = [(_e(k), _e(f"{float(v):.2f}")) for k, v in timings.items() if isinstance(v, int | float)]
+    config_rows = []
+    for section, values in cfg.items():
+        if isinstance(values, dict):
+            items = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items() if v is not None)
+            config_rows.append((_e(section), _e(items)))
+    parts = [
+        '<section id="summary"><h2>Summary</h2><div class="grid">',
+        f"<div><h3>Data and model</h3>{_table(('', ''), data_rows)}</div>",
+        f"<div><h3>Stage timings (seconds)</h3>{_table(('stage', 'seconds'), timing_rows)}</div>",
+        "<div><h3>Fidelity</h3>" + _fidelity(validation) + "</div>",
+        "</div>",
+        f'<h3>Config <span class="note">(hash {_e(m.get("config_hash", "?"))})</span></h3>',
+        _table(("section", "settings"), config_rows, "config"),
+        f'<p class="note" id="sample-note">{_e(sample_note)}</p></section>',
+    ]
+    return "".join(parts)
+
+
+def _fidelity(v: dict[str, Any] | None) -> str:
+    if v is None:
+        return '<p class="note">No validation.json: run <code>ddm-ray validate</code> to compare with exact retraining.</p>'
+    head = (f"<p>{_e(v.get('units_validated', '?'))} of {_e(v.get('units_total', '?'))} units retrained exactly; "
+            f"speed-up per unit {_e(_fmt(v.get('speedup', '?')))}x, end to end {_e(_fmt(v.get('end_to_end_speedup', '?')))}x.</p>")
+    rows = []
+    for name, methods in (v.get("per_objective") or {}).items():
+        for method, s in (methods or {}).items():
+            rows.append([_e(name), _e(method), *(_e(_fmt(s.get(k, ""))) for k in
+                         ("pearson", "spearman", "pearson_per_test_mean", "spearman_per_test_mean"))])
+    if not rows:
+        rows.append([_e(v.get("objective", "?")), "ddm", _e(_fmt(v.get("pearson", ""))),
+                     _e(_fmt(v.get("spearman", ""))), "", ""])
+    return head + _table(("objective", "method", "pearson", "spearman", "per-test P", "per-test S"), rows)
+
+
+def _tests_section(frame: _Frame, positions: list[int], samples: _Samples, top: int, chosen: bool) -> str:
+    how = ("the test ids asked for" if chosen else
+           "misclassified samples first (highest loss first), then the correct ones with the highest loss")
+    out = [f'<section id="tests"><h2>Test samples</h2><p class="note">Showing {len(positions)}: {_e(how)}. '
+           f"Per sample: the {top} units whose removal would hurt this prediction most (helpful) and "
+           f"help it most (harmful), by objective {_e(frame.objective)}; &Delta; = f(model without the unit) "
+           "&minus; f(model). Member samples are the unit's first training samples.</p>"]
+    for p in positions:
+        tid = int(frame.test_ids[p])
+        wrong = not bool(frame.test_correct[p])
+        rel = samples.test(tid)
+        img = f'<img class="testimg" src="{_e(rel)}" alt="test sample {tid}">' if rel else ""
+        col = frame.helped[:, p]
+        order = np.argsort(-col, kind="stable")
+        helpful = [int(i) for i in order[:top] if col[i] > 0]
+        harmful = [int(i) for i in order[::-1][:top] if col[i] < 0]
+        rows = []
+        for title, kind, sel in (("most helpful", "helpful", helpful), ("most harmful", "harmful", harmful)):
+            cards = "".join(_unit_card(frame, r, samples, kind, _delta_text(frame, float(frame.delta[r, p]))) for r in sel)
+            rows.append(f'<div class="rowlabel">{title}</div><div class="units">{cards or "<i>none</i>"}</div>')
+        out.append(
+            f'<div class="test{" wrong" if wrong else ""}" id="test-{tid}" data-test-id="{tid}">'
+            f'<div class="testside">{img}<div><b>test {tid}</b></div><div>true: {_e(frame.test_name[p])}</div>'
+            f'<div>predicted: {_e(frame.pred_name[p])}{" &#10007;" if wrong else ""}</div>'
+            f"<div>loss {float(frame.test_loss[p]):.3g}</div></div><div>{''.join(rows)}</div></div>"
+        )
+    out.append("</section>")
+    return "".join(out)
+
+
+def unit_statistics(frame: _Frame) -> dict[str, np.ndarray]:
+    """Per unit (U,): tests hurt (helped < 0), total harm (sum of -helped where < 0), mean
+    effect over all tests, and mean effect on test samples of its own label (NaN if none/mixed)."""
+    h = frame.helped
+    own = np.full(len(frame.unit_ids), np.nan)
+    other = np.full(len(frame.unit_ids), np.nan)
+    for i, lab in enumerate(frame.unit_label):
+        mask = frame.test_label == lab
+        if lab >= 0 and mask.any():
+            own[i] = float(h[i, mask].mean())
+        if (~mask).any():
+            other[i] = float(h[i, ~mask].mean())
+    return {
+        "hurt": (h < 0).sum(axis=1),
+        "harm": np.where(h < 0, -h, 0.0).sum(axis=1),
+        "mean": h.mean(axis=1) if h.shape[1] else np.zeros(len(frame.unit_ids)),
+        "own": own,
+        "other": other,
+    }
+
+
+def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Samples) -> str:
+    n = len(frame.test_ids)
+    hurt_order = np.lexsort((-stats["harm"], -stats["hurt"]))[:UNITS_LISTED]
+    own = stats["own"]
+    suspects = [int(i) for i in np.argsort(np.where(np.isnan(own), np.inf, own), kind="stable") if own[i] < 0]
+    suspects = suspects[:UNITS_LISTED]
+
+    def row(i: int, kind: str, stat: str) -> list[str]:
+        return [
+            f"{int(frame.unit_ids[i])}", _e(frame.unit_name[i]), f"{int(frame.unit_size[i])}",
+            f"{int(stats['hurt'][i])} / {n}", f"{stats['harm'][i]:.4g}",
+            f"{own[i]:+.4g}" if not np.isnan(own[i]) else "&ndash;",
+            f"{stats['other'][i]:+.4g}" if not np.isnan(stats["other"][i]) else "&ndash;",
+            _unit_card(frame, i, samples, kind, stat),
+        ]
+
+    header = ("unit", "label", "members", "tests hurt", "total harm", "own-label mean effect",
+              "other-label mean effect", "members drawn")
+    hurt_rows = [row(int(i), "harmful", f"hurts {int(stats['hurt'][i])} tests") for i in hurt_order]
+    sus_rows = [row(i, "harmful", f"own-label effect {own[i]:+.3g}") for i in suspects]
+    effect = ("raises the loss" if frame.objective == "loss" else f"lowers the {frame.objective}")
+    return (
+        '<section id="units"><h2>Units</h2>'
+        f'<p class="note">Effect = how much removing the unit would worsen a prediction (sign-normalised '
+        f"&Delta;, objective {_e(frame.objective)}): &gt; 0 the unit helped, &lt; 0 it hurt. A unit hurts a "
+        f"test sample when removing it would improve that prediction.</p>"
+        f'<h3 id="units-hurting">Units that hurt the most test samples</h3>{_table(header, hurt_rows)}'
+        '<h3 id="label-problems">Likely label problems</h3>'
+        '<p class="note">Units whose removal would improve the predictions on test samples of their own label, '
+        f"on average (removing them {_e('lowers' if frame.objective == 'loss' else 'raises')} the "
+        f"{_e(frame.objective)} there): their members may be mislabelled or atypical of the class. "
+        f"Normally a unit's removal {_e(effect)} on its own class.</p>"
+        + (_table(header, sus_rows) if sus_rows else '<p><i>none: every unit helps its own label on average</i></p>')
+        + "</section>"
+    )
+
+
+def _charts(frame: _Frame, stats: dict[str, np.ndarray], path: str) -> None:
+    """One PNG of four histograms of per-unit effects."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 6.4), dpi=80)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    h = frame.helped
+    panels = [
+        (stats["mean"], "mean effect of each unit over all test samples", "units", False),
+        (h.reshape(-1), "effect of each unit on each test sample", "unit x test pairs (log)", True),
+        (stats["hurt"].astype(float), "test samples each unit hurts", "units", False),
+        (stats["own"][~np.isnan(stats["own"])], "mean effect on test samples of the unit's own label", "units", False),
+    ]
+    for ax, (values, title, ylabel, log) in zip(axes.reshape(-1), panels, strict=True):
+        values = values[np.isfinite(values)]
+        if values.size:
+            ax.hist(values, bins=40, color="#4a72b8", log=log)
+        ax.axvline(0.0, color="#c33", lw=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"objective {frame.objective}: effect > 0 = the unit helped (removing it worsens the prediction)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def _report_folder(run: AuditRun, report_out: str | None) -> str:
+    if report_out is None:
+        if not run.store.local:
+            raise InputError(f"{run.store.url} is not a local folder: give --report-out DIR (a local folder) for its report")
+        return os.path.join(run.store.root, "report")
+    if "://" in report_out and not report_out.startswith("file://"):
+        raise InputError(f"--report-out must be a local folder, got {report_out}")
+    return report_out.removeprefix("file://")
+
+
+def write_report(
+    run_url: str,
+    report_out: str | None = None,
+    test_ids: Sequence[int] | None = None,
+    objective: str = "loss",
+    top: int = 5,
+    max_tests: int = 12,
+    storage_options: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> str:
+    """Write <run>/report/index.html (or <report_out>/index.html) and its PNGs; returns its path.
+
+    Raises RunStateError when run_url holds no complete run, InputError for an unknown objective
+    or test id, ConfigError for top/max_tests below 1. Data that cannot be loaded (e.g. a redacted
+    presigned URL) only leaves the sample pictures out, with the reason on the page.
+    """
+    log = log or (lambda _msg: None)
+    if top < 1 or max_tests < 1:
+        raise ConfigError("--top and --max-tests must be >= 1")
+    t0 = time.perf_counter()
+    opts = dict(storage_options or {})
+    run = open_run(run_url, opts)
+    folder = _report_folder(run, report_out)
+    frame = _frame(run, objective)
+    positions = choose_tests(frame, test_ids, max_tests)
+    validation = run.store.read_json(RunStore.VALIDATION) if run.store.exists(RunStore.VALIDATION) else None
+    try:
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        for name in os.listdir(os.path.join(folder, "samples")):  # drop our own stale pictures only
+            if name.endswith(".png") and name.startswith(("train-", "test-")):
+                os.remove(os.path.join(folder, "samples", name))
+    except OSError as e:
+        raise InputError(f"cannot write the report to {folder}: {brief(e)}") from None
+    samples, sample_note = _load_samples(run, folder, opts)
+    log(sample_note)
+    stats = unit_statistics(frame)
+    _charts(frame, stats, os.path.join(folder, "effects.png"))
+    bars = " bars" if samples.available and samples.layout is None else ""
+    title = f"ddm-ray report: {run.store.url}"
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+        f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body class=\"report{bars}\">"
+        f"<h1>{_e(title)}</h1>"
+        f'<p class="note">config {_e(run.manifest.get("config_hash", "?"))}, objective {_e(objective)}. '
+        'Sign: &Delta; = f(model without the unit) &minus; f(model); for loss &Delta; &gt; 0 means the unit helped, '
+        "for margin and correct &Delta; &lt; 0 means it helped.</p>"
+        '<nav><a href="#summary">Summary</a><a href="#tests">Test samples</a><a href="#units">Units</a>'
+        '<a href="#distributions">Distributions</a></nav>'
+        + _summary(run, frame, samples, sample_note, validation)
+        + _tests_section(frame, positions, samples, top, bool(test_ids))
+        + _units_section(frame, stats, samples)
+        + '<section id="distributions"><h2>Distributions</h2>'
+        '<img class="chart" src="effects.png" alt="histograms of per-unit effects" width="880" height="512"></section>'
+        + "</body></html>\n"
+    )
+    index = os.path.join(folder, "index.html")
+    tmp = f"{index}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(page)
+    os.replace(tmp, index)
+    log(f"report: {len(positions)} test samples, {len(samples.written)} samples drawn, "
+        f"{time.perf_counter() - t0:.1f}s -> {index}")
+    return index
