@@ -2,17 +2,22 @@
 
     run = ddm_ray.open_run("./ddm-out")                 # or s3://bucket/run
     unit_ids, test_ids, delta = run.matrix("loss")      # (n_units, n_test) numpy array
+    run.long("loss")                                    # pyarrow: unit_id, test_id, objective, delta
     run.top_units(test_id=1234, k=5)                    # most helpful and most harmful units
-    run.units()                                         # pyarrow table: unit_id, label, sample_ids
+    run.members(unit_id=3)                              # label, size, training ids of one unit
+    run.test_context(test_id=1234)                      # true label, prediction, loss, correct
+    run.units()                                         # pyarrow table: unit_id, label, sample_ids, ...
 
 Sign conventions (delta = f(model without the unit, x) - f(model, x)): for `loss`, delta > 0 means
 removing the unit raises the loss, i.e. the unit helped that prediction; for `margin` and
-`correct`, delta < 0 means the unit helped. Every attribution part is verified against the
-checksum the run recorded before it is read.
+`correct`, delta < 0 means the unit helped. `helped_score(objective, delta)` turns either into
+"larger = helped more". Every attribution part is verified against the checksum the run recorded
+before it is read; this module is the one reader of parts for users and for `ddm-ray inspect`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +25,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ddm_ray.errors import InputError, RunStateError
+from ddm_ray.errors import InputError, RunStateError, StorageError
 from ddm_ray.store.run_store import RunStore
+
+#: For each objective, the sign of delta that means "the unit helped this prediction".
+HELPED_SIGN: dict[str, float] = {"loss": 1.0, "margin": -1.0, "correct": -1.0}
+
+LONG_SCHEMA = pa.schema(
+    [
+        pa.field("unit_id", pa.int64(), nullable=False),
+        pa.field("test_id", pa.int64(), nullable=False),
+        pa.field("objective", pa.string(), nullable=False),
+        pa.field("delta", pa.float32(), nullable=False),
+    ]
+)
+
+
+def helped_sign(objective: str) -> float:
+    """+1.0 if delta > 0 means the unit helped (loss), -1.0 if delta < 0 does (margin, correct)."""
+    return HELPED_SIGN.get(objective, -1.0)
+
+
+def helped_score(objective: str, delta: np.ndarray) -> np.ndarray:
+    """delta (any shape) rescaled so that larger always means "removing the unit hurts more",
+    i.e. the unit helped more: delta for loss, -delta for margin and correct."""
+    return helped_sign(objective) * np.asarray(delta)
 
 
 @dataclass
@@ -35,41 +63,127 @@ class AuditRun:
     def objectives(self) -> tuple[str, ...]:
         return tuple(self.manifest["config"]["online"]["objectives"])
 
+    def check_objective(self, objective: str) -> str:
+        """objective itself, or InputError naming the run's objectives."""
+        if objective not in self.objectives:
+            raise InputError(f"objective {objective!r} not in this run ({', '.join(self.objectives)})")
+        return objective
+
+    # ---- small tables ----------------------------------------------------------------------
     def units(self) -> pa.Table:
-        """unit_id, label, sample_ids (training ids), level."""
+        """unit_id, label (-1: spans classes), label_name, sample_ids (training ids), level, size."""
         return self.store.read_table(RunStore.UNITS)
 
     def test_index(self) -> pa.Table:
-        """position (column of every row) and test_id."""
-        return self.store.read_table(RunStore.TEST_INDEX)
+        """position (0-based column of every delta list), test_id, label, label_name, predicted,
+        predicted_name, loss, correct (the trained model on each test sample), in position order."""
+        t = self.store.read_table(RunStore.TEST_INDEX)
+        t = t.take(pc.sort_indices(t, [("position", "ascending")]))
+        if t.column("position").to_pylist() != list(range(t.num_rows)):
+            raise StorageError(f"{self.store.url}/{RunStore.TEST_INDEX}: positions are not 0..{t.num_rows - 1}")
+        return t
+
+    def members(self, unit_id: int) -> dict[str, Any]:
+        """One unit: {"unit_id", "label", "label_name", "level", "size", "sample_ids": [training id, ...]}.
+        Cluster units lie inside one class, so every member carries the unit's label."""
+        t = self.units()
+        i = pc.index(t.column("unit_id"), int(unit_id)).as_py()
+        if i < 0:
+            raise InputError(f"unit {unit_id} is not in this run (unit ids 0..{t.num_rows - 1})")
+        return {k: v[0] for k, v in t.slice(i, 1).to_pydict().items()}
+
+    def test_context(self, test_id: int) -> dict[str, Any]:
+        """One test sample: {"position", "test_id", "label", "label_name", "predicted",
+        "predicted_name", "loss", "correct"} (the trained model's prediction and loss)."""
+        t = self.test_index()
+        i = pc.index(t.column("test_id"), int(test_id)).as_py()
+        if i < 0:
+            raise InputError(f"test id {test_id} is not in this run's test set")
+        return {k: v[0] for k, v in t.slice(i, 1).to_pydict().items()}
+
+    # ---- the attribution -------------------------------------------------------------------
+    def _rows(self, objective: str | None) -> Iterator[pa.Table]:
+        """Verified parts, filtered to one objective (None: all), as unit_id, objective, delta."""
+        if objective is not None:
+            self.check_objective(objective)
+        for _name, t in self.store.complete_parts(self.manifest):
+            yield t if objective is None else t.filter(pc.equal(t.column("objective"), objective))
 
     def matrix(self, objective: str = "loss") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(unit_ids (U,), test_ids (N,), delta (U, N) float32), rows in unit order."""
-        if objective not in self.objectives:
-            raise InputError(f"objective {objective!r} not in this run ({', '.join(self.objectives)})")
+        """(unit_ids (U,), test_ids (N,), delta (U, N) float32), rows in unit order, columns in
+        test_index position order: delta[i, j] belongs to unit unit_ids[i] and test sample
+        test_ids[j]. Signs: see `helped_sign`."""
         ids, rows = [], []
-        for _name, t in self.store.complete_parts(self.manifest):
-            t = t.filter(pc.equal(t.column("objective"), objective))
+        for t in self._rows(objective):
             ids.extend(t.column("unit_id").to_pylist())
             rows.extend(t.column("delta").to_numpy(zero_copy_only=False))
         order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
         unit_ids = np.asarray(ids, dtype=np.int64)[order]
         delta = np.stack([rows[i] for i in order]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
         test_ids = self.test_index().column("test_id").to_numpy()
+        if rows and delta.shape[1] != test_ids.shape[0]:
+            raise StorageError(f"{self.store.url}: delta lists hold {delta.shape[1]} values, test_index {test_ids.shape[0]}")
         return unit_ids, test_ids, delta
+
+    def long(self, objective: str | None = None) -> pa.Table:
+        """The attribution in long format: one row per (unit, test sample, objective) with columns
+        unit_id int64, test_id int64, objective string, delta float32; all objectives when
+        objective is None. Sorted by unit_id, then objective in the run's order, then test
+        position. delta = f(without the unit) - f(model): for loss, delta > 0 means the unit
+        helped that test sample; for margin and correct, delta < 0 means it helped."""
+        test_ids = self.test_index().column("test_id").to_numpy()
+        n = test_ids.shape[0]
+        rank = {o: i for i, o in enumerate(self.objectives)}
+        pieces = []
+        for t in self._rows(objective):
+            if t.num_rows == 0:
+                continue
+            lengths = pc.list_value_length(t.column("delta")).to_numpy(zero_copy_only=False)
+            if (lengths != n).any():
+                raise StorageError(f"{self.store.url}: a delta list does not hold {n} values (test_index)")
+            order = np.lexsort((np.array([rank[o] for o in t.column("objective").to_pylist()]),
+                                t.column("unit_id").to_numpy()))
+            t = t.take(pa.array(order))
+            pieces.append(pa.table(
+                {
+                    "unit_id": np.repeat(t.column("unit_id").to_numpy(), n),
+                    "test_id": np.tile(test_ids, t.num_rows),
+                    "objective": pc.take(t.column("objective"), pa.array(np.repeat(np.arange(t.num_rows), n))),
+                    "delta": pc.list_flatten(t.column("delta")).cast(pa.float32()),
+                },
+                schema=LONG_SCHEMA,
+            ))
+        if not pieces:
+            return LONG_SCHEMA.empty_table()
+        out = pa.concat_tables(pieces)
+        first = out.column("unit_id").to_numpy()
+        if (np.diff(first) < 0).any():  # parts out of unit order: sort, keeping objective and position order
+            out = out.take(pa.array(np.argsort(first, kind="stable")))
+        return out
 
     def top_units(self, test_id: int, k: int = 5, objective: str = "loss") -> dict[str, list[tuple[int, float]]]:
         """The k most helpful and k most harmful units for one test sample: {"helpful": [(unit_id,
-        delta), ...], "harmful": [...]}, strongest first (see the module docstring for signs)."""
+        delta), ...], "harmful": [...]}, strongest first (see `helped_sign` for signs)."""
         unit_ids, test_ids, delta = self.matrix(objective)
         where = np.nonzero(test_ids == test_id)[0]
         if where.size == 0:
             raise InputError(f"test id {test_id} is not in this run's test set")
         col = delta[:, int(where[0])]
-        helped = col if objective == "loss" else -col  # larger: removing the unit hurts more
-        order = np.argsort(-helped, kind="stable")
+        order = np.argsort(-helped_score(objective, col), kind="stable")
         pairs = [(int(unit_ids[i]), float(col[i])) for i in order]
         return {"helpful": pairs[:k], "harmful": pairs[::-1][:k]}
+
+    def top_tests(self, unit_id: int, k: int = 5, objective: str = "loss") -> dict[str, list[tuple[int, float]]]:
+        """The k test samples one unit helps most and the k it hurts most: {"helped": [(test_id,
+        delta), ...], "hurt": [...]}, strongest first (see `helped_sign` for signs)."""
+        unit_ids, test_ids, delta = self.matrix(objective)
+        where = np.nonzero(unit_ids == unit_id)[0]
+        if where.size == 0:
+            raise InputError(f"unit {unit_id} is not in this run (unit ids 0..{len(unit_ids) - 1})")
+        row = delta[int(where[0])]
+        order = np.argsort(-helped_score(objective, row), kind="stable")
+        pairs = [(int(test_ids[j]), float(row[j])) for j in order]
+        return {"helped": pairs[:k], "hurt": pairs[::-1][:k]}
 
 
 def open_run(url: str, storage_options: dict[str, str] | None = None) -> AuditRun:

@@ -1,43 +1,202 @@
-"""`ddm-ray inspect`: the units that help and hurt one test sample most."""
+"""`ddm-ray inspect`: from a result back to the units and training samples behind it.
+
+Three drill-downs over a complete run, each returning plain data (dicts and lists of JSON-able
+values) that the CLI formats as a table, one JSON document or CSV rows:
+
+- `test_report`: one test sample's context and the units that help and hurt it most;
+- `unit_report`: one unit's label, size, members and the test samples it moves most;
+- `worst_tests`: misclassified test samples (highest loss first), then the highest-loss correct ones.
+
+Everything is read through `ddm_ray.api.AuditRun` (verified attribution parts); nothing here
+reads Parquet itself. Signs: delta = f(model without the unit) - f(model); for loss, delta > 0
+means the unit helped; for margin and correct, delta < 0 means it helped (`api.helped_sign`).
+"""
 
 from __future__ import annotations
 
-import pyarrow.compute as pc
+import csv
+import io
+import json
+from typing import Any
 
-from ddm_ray.errors import InputError
-from ddm_ray.store.run_store import RunStore
-from ddm_ray.validate import load_complete_run
+import numpy as np
+
+from ddm_ray.api import AuditRun, helped_score, helped_sign
+
+MEMBER_PREVIEW = 10  # member ids shown per unit in tables before "... (+N more)"
 
 
-def inspect_test_sample(out: str, test_id: int, objective: str, top: int, storage_options: dict[str, str]) -> str:
-    """A table of the `top` most helpful and most harmful units for test sample `test_id`.
+def default_objective(run: AuditRun, objective: str | None) -> str:
+    """objective, checked against the run; None: loss if the run has it, else its first objective."""
+    if objective is None:
+        return "loss" if "loss" in run.objectives else run.objectives[0]
+    return run.check_objective(objective)
 
-    For objective loss, removing a helpful unit raises the loss (delta > 0); for margin and correct,
-    removing a helpful unit lowers them (delta < 0).
-    """
-    store, manifest, cfg = load_complete_run(out, storage_options)
-    if objective not in cfg.online.objectives:
-        raise InputError(f"objective {objective!r} not in this run ({', '.join(cfg.online.objectives)})")
-    index = store.read_table(RunStore.TEST_INDEX)
-    pos_arr = pc.index(index.column("test_id"), test_id).as_py()
-    if pos_arr < 0:
-        raise InputError(f"test id {test_id} is not in this run's test set")
-    position = int(index.column("position")[pos_arr].as_py())
-    units = store.read_table(RunStore.UNITS).to_pydict()
-    label = {u: lab for u, lab in zip(units["unit_id"], units["label"], strict=True)}
-    size = {u: len(s) for u, s in zip(units["unit_id"], units["sample_ids"], strict=True)}
-    scores: list[tuple[float, int]] = []
-    for _name, t in store.complete_parts(manifest):
-        t = t.filter(pc.equal(t.column("objective"), objective))
-        for u, d in zip(t.column("unit_id").to_pylist(), t.column("delta").to_pylist(), strict=True):
-            scores.append((float(d[position]), int(u)))
-    sign = 1.0 if objective == "loss" else -1.0
-    helpful = sorted(scores, key=lambda s: -sign * s[0])[:top]
-    harmful = sorted(scores, key=lambda s: sign * s[0])[:top]
-    lines = [f"test sample {test_id} (column {position}), objective {objective}: delta when the unit is removed"]
-    for title, rows in (("most helpful", helpful), ("most harmful", harmful)):
-        lines.append(f"{title}:")
-        lines.append(f"  {'unit':>6} {'label':>6} {'members':>8} {'delta':>11}")
-        for d, u in rows:
-            lines.append(f"  {u:>6} {label[u]:>6} {size[u]:>8} {d:>+11.5f}")
+
+def sign_note(objective: str) -> str:
+    """One line saying which sign of delta means "the unit helped" for objective."""
+    if helped_sign(objective) > 0:
+        return f"delta = {objective} without the unit - {objective} with it; delta > 0: the unit helped"
+    return f"delta = {objective} without the unit - {objective} with it; delta < 0: the unit helped"
+
+
+def _unit_rows(run: AuditRun) -> dict[int, dict[str, Any]]:
+    t = run.units().to_pydict()
+    return {
+        int(u): {"unit_id": int(u), "label": int(lab), "label_name": name, "size": int(size), "member_ids": list(ids)}
+        for u, lab, name, size, ids in zip(t["unit_id"], t["label"], t["label_name"], t["size"], t["sample_ids"], strict=True)
+    }
+
+
+def test_report(run: AuditRun, test_id: int, objective: str | None = None, top: int = 5) -> dict[str, Any]:
+    """{"kind": "test", "objective", "sign", "test": test_context, "helpful": [unit, ...],
+    "harmful": [...]}; each unit: unit_id, label, label_name, size, member_ids, delta (strongest
+    first, the order of `AuditRun.top_units`)."""
+    objective = default_objective(run, objective)
+    context = run.test_context(test_id)
+    top_units = run.top_units(test_id, k=top, objective=objective)
+    units = _unit_rows(run)
+    out: dict[str, Any] = {"kind": "test", "objective": objective, "sign": sign_note(objective), "test": context}
+    for side in ("helpful", "harmful"):
+        out[side] = [{**units[u], "delta": d} for u, d in top_units[side]]
+    return out
+
+
+def unit_report(run: AuditRun, unit_id: int, objective: str | None = None, top: int = 5) -> dict[str, Any]:
+    """{"kind": "unit", "objective", "sign", "unit": {unit_id, label, label_name, level, size},
+    "members": [{"sample_id", "label", "label_name"}, ...] (every member, in units.parquet order),
+    "helped" / "hurt": [test context + "delta", ...] (the `top` test samples it moves most each way)."""
+    objective = default_objective(run, objective)
+    m = run.members(unit_id)
+    ids = m.pop("sample_ids")
+    # cluster units lie within one class; a unit spanning classes ("mixed") records no member labels
+    members = [{"sample_id": int(i), "label": m["label"], "label_name": m["label_name"]} for i in ids]
+    moved = run.top_tests(unit_id, k=top, objective=objective)
+    tests = {int(r["test_id"]): r for r in run.test_index().to_pylist()}
+    out: dict[str, Any] = {"kind": "unit", "objective": objective, "sign": sign_note(objective), "unit": m,
+                           "members": members}
+    for side in ("helped", "hurt"):
+        out[side] = [{**tests[t], "delta": d} for t, d in moved[side]]
+    return out
+
+
+def worst_tests(run: AuditRun, k: int, objective: str | None = None) -> dict[str, Any]:
+    """{"kind": "worst", "objective", "sign", "tests": [...]}: misclassified test samples first
+    (highest loss first), then correct ones (highest loss first), k in all. Each carries its test
+    context plus the unit that hurts it most (`harmful_unit`, `harmful_delta`)."""
+    objective = default_objective(run, objective)
+    index = run.test_index().to_pylist()
+    order = sorted(range(len(index)), key=lambda i: (bool(index[i]["correct"]), -float(index[i]["loss"]), i))[:k]
+    unit_ids, _test_ids, delta = run.matrix(objective)
+    worst = np.argmin(helped_score(objective, delta[:, order]), axis=0) if len(unit_ids) else None
+    rows = []
+    for j, i in enumerate(order):
+        row = dict(index[i])
+        if worst is not None:
+            row["harmful_unit"] = int(unit_ids[worst[j]])
+            row["harmful_delta"] = float(delta[worst[j], i])
+        rows.append(row)
+    return {"kind": "worst", "objective": objective, "sign": sign_note(objective), "tests": rows}
+
+
+# ---- formatting -------------------------------------------------------------------------------
+def _label(name: str, code: int) -> str:
+    return name if name == str(code) else f"{name} ({code})"
+
+
+def _ids(ids: list[int], limit: int = MEMBER_PREVIEW) -> str:
+    shown = " ".join(str(i) for i in ids[:limit])
+    return f"{shown} ... (+{len(ids) - limit} more)" if len(ids) > limit else shown
+
+
+def _test_line(r: dict[str, Any]) -> str:
+    return (f"  {r['test_id']:>8} {_label(r['label_name'], r['label']):>10} "
+            f"{_label(r['predicted_name'], r['predicted']):>10} {r['loss']:>9.4f} {str(r['correct']):>7}")
+
+
+_TEST_HEAD = f"  {'test_id':>8} {'label':>10} {'predicted':>10} {'loss':>9} {'correct':>7}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Human-readable text for any report above."""
+    kind, lines = report["kind"], []
+    if kind == "test":
+        t = report["test"]
+        lines.append(f"test sample {t['test_id']} (column {t['position']}): label {_label(t['label_name'], t['label'])}, "
+                     f"predicted {_label(t['predicted_name'], t['predicted'])}, loss {t['loss']:.4f}, "
+                     f"{'correct' if t['correct'] else 'misclassified'}")
+        lines.append(f"objective {report['objective']}: {report['sign']}")
+        for side, title in (("helpful", "most helpful units"), ("harmful", "most harmful units")):
+            lines.append(f"{title}:")
+            lines.append(f"  {'unit':>6} {'label':>10} {'size':>6} {'delta':>11}  members")
+            for u in report[side]:
+                lines.append(f"  {u['unit_id']:>6} {_label(u['label_name'], u['label']):>10} {u['size']:>6} "
+                             f"{u['delta']:>+11.5f}  {_ids(u['member_ids'])}")
+    elif kind == "unit":
+        u = report["unit"]
+        lines.append(f"unit {u['unit_id']}: label {_label(u['label_name'], u['label'])}, size {u['size']}, level {u['level']}")
+        lines.append(f"members ({len(report['members'])}):")
+        lines.append(f"  {'sample_id':>10} {'label':>10}")
+        for m in report["members"]:
+            lines.append(f"  {m['sample_id']:>10} {_label(m['label_name'], m['label']):>10}")
+        lines.append(f"objective {report['objective']}: {report['sign']}")
+        for side, title in (("helped", "test samples it helps most"), ("hurt", "test samples it hurts most")):
+            lines.append(f"{title}:")
+            lines.append(f"{_TEST_HEAD} {'delta':>11}")
+            for r in report[side]:
+                lines.append(f"{_test_line(r)} {r['delta']:>+11.5f}")
+    else:
+        lines.append(f"worst test samples (misclassified first, then by loss); objective {report['objective']}: "
+                     f"{report['sign']}")
+        lines.append(f"{_TEST_HEAD} {'harmful_unit':>12} {'delta':>11}")
+        for r in report["tests"]:
+            extra = f" {r['harmful_unit']:>12} {r['harmful_delta']:>+11.5f}" if "harmful_unit" in r else ""
+            lines.append(_test_line(r) + extra)
     return "\n".join(lines)
+
+
+def format_json(report: dict[str, Any]) -> str:
+    """The report as one JSON document."""
+    return json.dumps(report, indent=1)
+
+
+def csv_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """(header, rows) of a report in long form, for piping:
+    test:  test_id, objective, direction (helpful|harmful), rank, unit_id, label, label_name, size, delta, member_ids
+    unit:  unit_id, objective, relation (member|helped|hurt), rank, id (training or test id), label,
+           label_name, delta (empty for members)
+    worst: rank, test_id, label, label_name, predicted, predicted_name, loss, correct, harmful_unit, harmful_delta
+    (member_ids: space-separated, complete)."""
+    kind, o = report["kind"], report["objective"]
+    if kind == "test":
+        head = ["test_id", "objective", "direction", "rank", "unit_id", "label", "label_name", "size", "delta", "member_ids"]
+        tid = report["test"]["test_id"]
+        rows = [[tid, o, side, r + 1, u["unit_id"], u["label"], u["label_name"], u["size"], u["delta"],
+                 " ".join(map(str, u["member_ids"]))]
+                for side in ("helpful", "harmful") for r, u in enumerate(report[side])]
+    elif kind == "unit":
+        head = ["unit_id", "objective", "relation", "rank", "id", "label", "label_name", "delta"]
+        uid = report["unit"]["unit_id"]
+        rows = [[uid, o, "member", r + 1, m["sample_id"], m["label"], m["label_name"], ""]
+                for r, m in enumerate(report["members"])]
+        rows += [[uid, o, side, r + 1, t["test_id"], t["label"], t["label_name"], t["delta"]]
+                 for side in ("helped", "hurt") for r, t in enumerate(report[side])]
+    else:
+        head = ["rank", "test_id", "label", "label_name", "predicted", "predicted_name", "loss", "correct",
+                "harmful_unit", "harmful_delta"]
+        rows = [[r + 1, *(t[c] for c in head[1:8]), t.get("harmful_unit", ""), t.get("harmful_delta", "")]
+                for r, t in enumerate(report["tests"])]
+    return head, rows
+
+
+def format_csv(report: dict[str, Any]) -> str:
+    """Header line plus one line per row of `csv_rows`."""
+    head, rows = csv_rows(report)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(head)
+    w.writerows(rows)
+    return buf.getvalue().rstrip("\n")
+
+
+FORMATTERS = {"table": format_table, "json": format_json, "csv": format_csv}
