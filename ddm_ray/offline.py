@@ -6,6 +6,8 @@ the tables it feeds are the run's `units.parquet` and `test_index.parquet`.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -14,10 +16,13 @@ import torch
 from ddm_ray.config import RunConfig
 from ddm_ray.core.models import Network, Params
 from ddm_ray.core.training import Trajectory, train
-from ddm_ray.core.units import Units, make_units
+from ddm_ray.core.units import Units, make_units, units_from_column
 from ddm_ray.data import Dataset
-from ddm_ray.errors import NonFiniteError
+from ddm_ray.engine.progress import Progress
+from ddm_ray.errors import InputError, NonFiniteError
 from ddm_ray.store.run_store import TEST_INDEX_SCHEMA, UNITS_SCHEMA
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,20 +43,30 @@ def train_and_units(cfg: RunConfig, dataset: Dataset, device: str = "cpu") -> tu
     net.module.to(dev)
     params0 = {k: v.to(dev) for k, v in net.init_params(cfg.train.seed).items()}
     x, y = dataset.x_train.to(dev), dataset.y_train.to(dev)
-    traj = train(net, params0, x, y, cfg.train)
+    with Progress(cfg.train.epochs, what="train", unit="epochs", logger=_log) as bar:
+        traj = train(net, params0, x, y, cfg.train, on_epoch=bar.set)
     if not all(bool(torch.isfinite(v).all()) for v in traj.final.values()):
         raise NonFiniteError(
             "training: the model diverged (non-finite parameters); lower --lr or normalise the inputs"
         )
-    if cfg.units.features == "penultimate":
-        with torch.no_grad():
-            feats = net.features(traj.final, x)
+    if cfg.units.from_column:
+        if dataset.train_groups is None:
+            raise InputError(f"--units-from {cfg.units.from_column}: the data has no such column loaded")
+        units = units_from_column(dataset.train_groups, dataset.y_train, cfg.units.from_column)
     else:
-        feats = x.reshape(x.shape[0], -1)
-    units = make_units(
-        feats, dataset.y_train, dataset.num_classes, cfg.units.clusters_per_class,
-        cfg.units.kmeans_iters, cfg.units.seed, class_names=dataset.classes,
-    )
+        if cfg.units.features == "penultimate":
+            with torch.no_grad():
+                feats = net.features(traj.final, x)
+        else:
+            feats = x.reshape(x.shape[0], -1)
+        t0 = time.perf_counter()
+        units = make_units(
+            feats, dataset.y_train, dataset.num_classes, cfg.units.clusters_per_class,
+            cfg.units.kmeans_iters, cfg.units.seed, class_names=[dataset.name_of(c) for c in range(dataset.num_classes)],
+            min_size=cfg.units.min_size,
+        )
+        _log.info(f"units: k-means ({cfg.units.features}), {cfg.units.clusters_per_class} clusters per class x "
+                  f"{dataset.num_classes} classes -> {units.num_units} units in {time.perf_counter() - t0:.1f}s")
 
     def cpu(p: Params) -> Params:
         return {k: v.cpu() for k, v in p.items()}
@@ -69,6 +84,19 @@ def train_offline(cfg: RunConfig, dataset: Dataset, device: str = "cpu") -> Offl
     return Offline(dataset, Network(cfg.model, dataset.input_shape, dataset.num_classes), params0, traj, units)
 
 
+def _unit_names(units: Units, ds: Dataset) -> list[str]:
+    """The column value of column units; "<label>/<cluster>" (cluster counted within its class)
+    for k-means units."""
+    if units.names is not None:
+        return list(units.names)
+    seen: dict[int, int] = {}
+    out = []
+    for c in units.label.tolist():
+        out.append(f"{ds.name_of(c)}/{seen.get(c, 0)}")
+        seen[c] = seen.get(c, 0) + 1
+    return out
+
+
 def units_table(off: Offline) -> pa.Table:
     """units.parquet: one row per unit with its label, members (training ids) and size."""
     ids, ds, units = off.dataset.train_ids, off.dataset, off.units
@@ -80,6 +108,7 @@ def units_table(off: Offline) -> pa.Table:
             "label": pa.array([ds.classes[c] if c >= 0 else -1 for c in labels], pa.int64()),
             "label_name": pa.array([ds.name_of(c) if c >= 0 else "mixed" for c in labels], pa.string()),
             "sample_ids": pa.array(members, pa.list_(pa.int64())),
+            "name": pa.array(_unit_names(units, ds), pa.string()),
             "level": pa.array([units.level] * units.num_units, pa.string()),
             "size": pa.array([len(m) for m in members], pa.int64()),
         },

@@ -155,11 +155,11 @@ class Run:
     def _load(self) -> Dataset:
         """Load and check the data before anything is written to the output folder."""
         t0 = time.perf_counter()
-        dataset = load_dataset(self.cfg.data, self.exe.storage_options)
+        dataset = load_dataset(self.cfg.data, self.exe.storage_options, self.cfg.units.from_column)
         k = self.cfg.units.clusters_per_class
         counts = torch.bincount(dataset.y_train, minlength=dataset.num_classes)
-        small = [(dataset.classes[c], int(n)) for c, n in enumerate(counts) if n < k]
-        if small:
+        small = [(dataset.name_of(c), int(n)) for c, n in enumerate(counts) if n < k]
+        if small and not self.cfg.units.from_column:
             label, n = small[0]
             raise InputError(
                 f"class {label} has {n} training samples, fewer than --clusters-per-class {k}"

@@ -1,13 +1,23 @@
-"""The networks attributed: an MLP and a small ConvNet (conv-conv-fc), used functionally.
+"""The networks attributed, used functionally: the built-in MLP and small ConvNet (conv-conv-fc),
+or the user's own `torch.nn.Module` named `package.module:factory`.
 
 Parameters travel as a `Params` dict (name -> tensor) so that training, unrolled influence and
 batched online fine-tuning (`torch.func.vmap`) all share one forward: `Network.logits`.
+
+A user factory is called as `factory(input_shape, num_classes)` and must return a module mapping
+(N, *input_shape) to (N, num_classes). The module is used in eval mode (dropout off) and must not
+keep running statistics: BatchNorm is refused (its batch statistics tie samples together, so
+per-sample gradients and leave-one-out replays are not those of the trained network); GroupNorm
+and LayerNorm work.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +69,70 @@ class _ConvNet(nn.Module):
         return self.head(self.body(x))
 
 
+def load_factory(ref: str) -> Callable[..., nn.Module]:
+    """`package.module:factory` -> the callable, importable from the working directory or
+    PYTHONPATH; ConfigError with one line when it is not there."""
+    module_name, _, attr = ref.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(
+            f"--model {ref}: cannot import {module_name} ({e}); put it in the working directory or on PYTHONPATH"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing
+        raise ConfigError(f"--model {ref}: importing {module_name} failed ({type(e).__name__}: {e})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"--model {ref}: {module_name} has no attribute {attr}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"--model {ref}: {attr} is not callable")
+    return obj  # type: ignore[return-value]
+
+
+def _build_user_module(ref: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    factory = load_factory(ref)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            module = factory(input_shape, num_classes)
+        except Exception as e:  # noqa: BLE001 - the user's factory failed
+            raise ConfigError(f"--model {ref}: factory{(input_shape, num_classes)} failed ({type(e).__name__}: {e})") from None
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"--model {ref}: the factory returned {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def check_user_module(ref: str, module: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Refuse what a functional, per-sample replay cannot reproduce, with one line."""
+    for name, m in module.named_modules():
+        kind = type(m).__name__
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(
+                f"--model {ref}: layer {name or '(root)'!r} is {kind}, whose batch statistics tie samples together "
+                "and whose running statistics change outside the parameters; use GroupNorm or LayerNorm"
+            )
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            raise ConfigError(f"--model {ref}: {name} is {kind} with running statistics; use GroupNorm or LayerNorm")
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin):
+            raise ConfigError(f"--model {ref}: {name} is a lazy module ({kind}); give its sizes explicitly")
+    if not any(True for _ in module.parameters()):
+        raise ConfigError(f"--model {ref}: the module has no parameters")
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(2, *input_shape))
+    except Exception as e:  # noqa: BLE001 - the user's forward failed
+        raise ConfigError(
+            f"--model {ref}: forward on inputs of shape (N, {', '.join(map(str, input_shape))}) failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"--model {ref}: the module returns {shape} for 2 samples, expected (2, {num_classes}) logits")
+
+
 class Network:
     """A functional view of a module: `logits(params, x)` with x of shape (N, *input_shape)."""
 
@@ -74,12 +148,19 @@ class Network:
                     f"convnet needs image inputs C,H,W (--input-shape), got shape {self.input_shape}"
                 )
             self.module = _ConvNet(self.input_shape, cfg.conv_channels, cfg.fc_width, num_classes)
-        else:  # pragma: no cover - ModelConfig validates
-            raise ConfigError(f"unknown model {cfg.arch}")
+        else:
+            self.module = _build_user_module(cfg.arch, self.input_shape, self.num_classes, seed=0)
+            self.module.eval()
+            check_user_module(cfg.arch, self.module, self.input_shape, self.num_classes)
         self.module.requires_grad_(False)
+        self._feature_layer: nn.Module | None = None
 
     def init_params(self, seed: int) -> Params:
-        """Fresh parameters from PyTorch's default init under `seed` (same seed, same tensors)."""
+        """Fresh parameters under `seed` (same seed, same tensors): PyTorch's default init for the
+        built-in models; the user's factory called under that seed for a user model."""
+        if self.cfg.is_user_model:
+            fresh = _build_user_module(self.cfg.arch, self.input_shape, self.num_classes, seed)
+            return {k: v.detach().clone() for k, v in fresh.named_parameters()}
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         for m in self.module.modules():
@@ -93,9 +174,21 @@ class Network:
         return functional_call(self.module, params, (x,))
 
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations, (N, *input_shape) -> (N, width)."""
-        body = {k[len("body.") :]: v for k, v in params.items() if k.startswith("body.")}
-        return functional_call(self.module.body, body, (x,))  # type: ignore[arg-type]
+        """Penultimate activations, (N, *input_shape) -> (N, width): the input of the last linear
+        layer (for the built-in models, the output of their body)."""
+        if hasattr(self.module, "body") and hasattr(self.module, "head") and not self.cfg.is_user_model:
+            body = {k[len("body.") :]: v for k, v in params.items() if k.startswith("body.")}
+            return functional_call(self.module.body, body, (x,))  # type: ignore[arg-type]
+        linears = [m for m in self.module.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ConfigError(f"--unit-features penultimate needs a final nn.Linear in {self.cfg.arch}; use input")
+        captured: list[torch.Tensor] = []
+        handle = linears[-1].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            self.logits(params, x)
+        finally:
+            handle.remove()
+        return captured[-1].reshape(x.shape[0], -1)
 
 
 def flatten(params: Params) -> torch.Tensor:

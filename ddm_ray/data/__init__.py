@@ -13,12 +13,14 @@ import pickle
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from ddm_ray.config import DataConfig
-from ddm_ray.errors import DDMError, InputError, brief
+from ddm_ray.data.parquet import encode_labels, read_split
+from ddm_ray.errors import InputError
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Dataset:
     classes: list[int]  # label of each class index as in the data (its index for string labels)
     input_shape: tuple[int, ...]
     class_names: list[str] | None = None  # the data's label names (string labels), in class order
+    train_groups: list[Any] | None = None  # (N_train,) value of the units column of each sample
 
     @property
     def num_classes(self) -> int:
@@ -56,9 +59,12 @@ def _finish(
     shape: tuple[int, ...],
     cfg: DataConfig,
     source: str,
+    groups: np.ndarray | None = None,
 ) -> Dataset:
+    """Check both splits and map labels to class indices. x_*: (N, F); y_*: (N,) int64 or str."""
     if cfg.max_train is not None:
         x_tr, y_tr, id_tr = x_tr[: cfg.max_train], y_tr[: cfg.max_train], id_tr[: cfg.max_train]
+        groups = None if groups is None else groups[: cfg.max_train]
     if cfg.max_test is not None:
         x_te, y_te, id_te = x_te[: cfg.max_test], y_te[: cfg.max_test], id_te[: cfg.max_test]
     for name, x in (("train", x_tr), ("test", x_te)):
@@ -75,22 +81,20 @@ def _finish(
     for name, ids in (("train", id_tr), ("test", id_te)):
         if len(np.unique(ids)) != len(ids):
             raise InputError(f"{source}: the {name} set has duplicate ids")
-    classes = np.unique(y_tr)
+    y_tr_idx, y_te_idx, classes, names = encode_labels(y_tr, y_te, source)
     if len(classes) < 2:
         raise InputError(f"{source}: the training set has {len(classes)} class; need at least 2")
-    unknown = np.setdiff1d(np.unique(y_te), classes)
-    if len(unknown):
-        shown = ", ".join(map(str, unknown[:5].tolist()))
-        raise InputError(f"{source}: test labels not among the training classes: {shown}")
     return Dataset(
         x_train=torch.from_numpy(np.ascontiguousarray(x_tr, dtype=np.float32)).reshape(-1, *shape),
-        y_train=torch.from_numpy(np.searchsorted(classes, y_tr).astype(np.int64)),
+        y_train=torch.from_numpy(y_tr_idx),
         train_ids=torch.from_numpy(id_tr.astype(np.int64)),
         x_test=torch.from_numpy(np.ascontiguousarray(x_te, dtype=np.float32)).reshape(-1, *shape),
-        y_test=torch.from_numpy(np.searchsorted(classes, y_te).astype(np.int64)),
+        y_test=torch.from_numpy(y_te_idx),
         test_ids=torch.from_numpy(id_te.astype(np.int64)),
-        classes=[int(c) for c in classes],
+        classes=classes,
         input_shape=shape,
+        class_names=names,
+        train_groups=None if groups is None else groups.tolist(),
     )
 
 
@@ -106,60 +110,18 @@ def _digits(cfg: DataConfig) -> Dataset:
     return _finish(x[tr], y[tr], tr, x[te], y[te], te, shape, cfg, "digits")
 
 
-def _read_parquet(url: str, storage_options: dict[str, str]) -> tuple[np.ndarray, ...]:
-    import pyarrow as pa
-
-    from ddm_ray.store.fs import open_url, read_parquet, redact
-
-    raw, url = url, redact(url)  # messages never echo a presigned signature
-
-    try:
-        fs, path = open_url(raw, storage_options)
-        table = read_parquet(fs, path)
-    except FileNotFoundError:
-        raise InputError(f"{url}: no such file") from None
-    except DDMError:
-        raise
-    except Exception as e:  # noqa: BLE001  storage back-ends raise far beyond OSError
-        raise InputError(f"{url}: cannot read as Parquet ({brief(e)})") from None
-    names = table.column_names
-    for col in ("x", "y"):
-        if col not in names:
-            raise InputError(f"{url}: missing column {col!r} (has {', '.join(names) or 'none'})")
-    xt, yt = table.schema.field("x").type, table.schema.field("y").type
-    if not (pa.types.is_list(xt) or pa.types.is_large_list(xt) or pa.types.is_fixed_size_list(xt)):
-        raise InputError(f"{url}: column 'x' must be a list of floats, got {xt}")
-    if not (pa.types.is_integer(xt.value_type) or pa.types.is_floating(xt.value_type)):
-        raise InputError(f"{url}: column 'x' must hold numbers, got {xt}")
-    if not pa.types.is_integer(yt):
-        raise InputError(f"{url}: column 'y' must be integer labels, got {yt}")
-    if table.num_rows == 0:
-        raise InputError(f"{url}: no rows")
-    xcol = table.column("x").combine_chunks()
-    if xcol.null_count or table.column("y").null_count:
-        raise InputError(f"{url}: null values in 'x' or 'y'")
-    lengths = np.asarray(pa.compute.list_value_length(xcol))
-    if (lengths != lengths[0]).any():
-        raise InputError(f"{url}: rows of 'x' have different lengths ({lengths.min()}..{lengths.max()})")
-    if lengths[0] == 0:
-        raise InputError(f"{url}: rows of 'x' are empty")
-    x = np.asarray(xcol.flatten(), dtype=np.float64).reshape(table.num_rows, int(lengths[0]))
-    y = np.asarray(table.column("y"), dtype=np.int64)
-    if "id" in names:
-        if not pa.types.is_integer(table.schema.field("id").type) or table.column("id").null_count:
-            raise InputError(f"{url}: column 'id' must be non-null integers")
-        ids = np.asarray(table.column("id"), dtype=np.int64)
-    else:
-        ids = np.arange(table.num_rows, dtype=np.int64)
-    return x, y, ids
-
-
-def _parquet(cfg: DataConfig, storage_options: dict[str, str]) -> Dataset:
+def _parquet(cfg: DataConfig, storage_options: dict[str, str], group_column: str | None = None) -> Dataset:
     assert cfg.train and cfg.test
-    x_tr, y_tr, id_tr = _read_parquet(cfg.train, storage_options)
-    x_te, y_te, id_te = _read_parquet(cfg.test, storage_options)
-    shape = cfg.input_shape or (x_tr.shape[1],)
-    return _finish(x_tr, y_tr, id_tr, x_te, y_te, id_te, shape, cfg, "parquet")
+    cols = (cfg.x_column, cfg.y_column, cfg.id_column)
+    tr = read_split(cfg.train, storage_options, *cols, group_column=group_column)
+    te = read_split(cfg.test, storage_options, *cols)
+    if tr.shape != te.shape:
+        raise InputError(
+            f"parquet: train samples have shape {','.join(map(str, tr.shape))}, test samples "
+            f"{','.join(map(str, te.shape))}"
+        )
+    shape = cfg.input_shape or tr.shape
+    return _finish(tr.x, tr.y, tr.ids, te.x, te.y, te.ids, shape, cfg, "parquet", groups=tr.groups)
 
 
 def _open_maybe_gz(root: str, name: str) -> bytes:
@@ -269,12 +231,17 @@ def _cifar10(cfg: DataConfig) -> Dataset:
     )
 
 
-def load_dataset(cfg: DataConfig, storage_options: dict[str, str] | None = None) -> Dataset:
-    """Load and validate the dataset named by cfg; raises InputError with a one-line reason."""
+def load_dataset(
+    cfg: DataConfig, storage_options: dict[str, str] | None = None, group_column: str | None = None
+) -> Dataset:
+    """Load and validate the dataset named by cfg; raises InputError with a one-line reason.
+    group_column: a training column whose values become units (Parquet input only)."""
+    if group_column and cfg.dataset != "parquet":
+        raise InputError(f"--units-from {group_column} reads a column of the training Parquet; dataset is {cfg.dataset}")
     if cfg.dataset == "digits":
         return _digits(cfg)
     if cfg.dataset == "parquet":
-        return _parquet(cfg, storage_options or {})
+        return _parquet(cfg, storage_options or {}, group_column)
     if cfg.dataset == "mnist":
         return _mnist(cfg)
     return _cifar10(cfg)

@@ -43,6 +43,7 @@ UNITS_SCHEMA = pa.schema(
         pa.field("unit_id", pa.int64(), nullable=False),
         pa.field("label", pa.int64(), nullable=False),  # class label (-1: a unit spanning classes)
         pa.field("label_name", pa.string(), nullable=False),  # the label as in the data ("mixed" if spanning)
+        pa.field("name", pa.string(), nullable=False),  # column value, or "<label>/<cluster>" for k-means
         pa.field("sample_ids", pa.list_(pa.int64()), nullable=False),  # training ids of the members
         pa.field("level", pa.string(), nullable=False),  # "cluster" (k-means) or "column:<name>"
         pa.field("size", pa.int64(), nullable=False),

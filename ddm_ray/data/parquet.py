@@ -1,0 +1,239 @@
+"""User Parquet in: numbers, nested lists or encoded images as inputs; integer or string labels.
+
+Columns are named by `DataConfig` (`x_column`, `y_column`, `id_column`, and the units column of
+`UnitConfig.from_column`). An input cell may be
+* a list of numbers (list, large_list or fixed_size_list; nested lists of one shape are kept as
+  that shape, e.g. list<list<float>> rows of 28 x 28 -> (28, 28)),
+* PNG/JPEG bytes (binary), or
+* the struct {bytes, path} that Hugging Face `datasets` writes for an Image feature (bytes first;
+  a relative path is taken beside the Parquet file).
+Images are decoded with Pillow: grayscale kinds to (1, H, W), everything else to RGB (3, H, W),
+values scaled to [0, 1]; the first image fixes the shape and every other must match it.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ddm_ray.errors import DDMError, InputError, brief
+
+
+@dataclass
+class Columns:
+    """One split as arrays: x (N, F) float64, shape of one sample, y (N,) raw labels (int64 or
+    str objects), ids (N,) int64, groups (N,) raw values of the units column or None."""
+
+    x: np.ndarray
+    shape: tuple[int, ...]
+    y: np.ndarray
+    ids: np.ndarray
+    groups: np.ndarray | None
+
+
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _decode_images(blobs: list[bytes], url: str, first_row: int = 0) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Encoded images -> (N, C*H*W) float64 in [0, 1] and the shape (C, H, W) of the first one."""
+    from PIL import Image, UnidentifiedImageError
+
+    out: np.ndarray | None = None
+    shape: tuple[int, ...] = ()
+    gray = False
+    for i, blob in enumerate(blobs):
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                if out is None:
+                    gray = im.mode in _GRAY_MODES
+                if gray and im.mode.startswith("I"):  # 16/32-bit grayscale
+                    arr = np.asarray(im, dtype=np.float64)[None] / 65535.0
+                elif gray and im.mode == "F":  # float images are taken as they are
+                    arr = np.asarray(im, dtype=np.float64)[None]
+                elif gray:
+                    arr = np.asarray(im.convert("L"), dtype=np.float64)[None] / 255.0
+                else:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255.0
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise InputError(f"{url}: row {first_row + i}: not a decodable image ({brief(e)})") from None
+        if out is None:
+            shape = tuple(int(d) for d in arr.shape)
+            out = np.empty((len(blobs), arr.size), dtype=np.float64)
+        elif tuple(arr.shape) != shape:
+            raise InputError(
+                f"{url}: row {first_row + i}: image of shape {','.join(map(str, arr.shape))}, but the first is "
+                f"{','.join(map(str, shape))}; resize the images to one size"
+            )
+        out[i] = arr.reshape(-1)
+    assert out is not None
+    return out, shape
+
+
+def _image_bytes(col: pa.Array, url: str, storage_options: dict[str, str]) -> list[bytes]:
+    """Bytes of every image cell: binary cells, or {bytes, path} structs."""
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        return col.to_pylist()
+    names = [col.type.field(i).name for i in range(col.type.num_fields)]
+    data = col.field("bytes").to_pylist() if "bytes" in names else [None] * len(col)
+    paths = col.field("path").to_pylist() if "path" in names else [None] * len(col)
+    out: list[bytes] = []
+    for i, (b, p) in enumerate(zip(data, paths, strict=True)):
+        if b is not None:
+            out.append(b)
+            continue
+        if not p:
+            raise InputError(f"{url}: row {i}: image with neither bytes nor path")
+        from ddm_ray.store.fs import open_url
+
+        target = p if "://" in p or p.startswith("/") else posixpath.join(posixpath.dirname(url), p)
+        try:
+            fs, path = open_url(target, storage_options)
+            with fs.open(path, "rb") as f:
+                out.append(f.read())
+        except FileNotFoundError:
+            raise InputError(f"{url}: row {i}: image file {p} not found") from None
+        except Exception as e:  # noqa: BLE001  storage back-ends raise far beyond OSError
+            raise InputError(f"{url}: row {i}: cannot read image {p} ({brief(e)})") from None
+    return out
+
+
+def _is_image_type(t: pa.DataType) -> bool:
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return True
+    if pa.types.is_struct(t):
+        names = {t.field(i).name for i in range(t.num_fields)}
+        return "bytes" in names or "path" in names
+    return False
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _numeric_lists(col: pa.Array, url: str, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """list<number> or nested lists of one shape -> (N, F) float64 and the per-sample shape."""
+    n = len(col)
+    shape: list[int] = []
+    level: pa.Array = col
+    while _is_list(level.type):
+        lengths = np.asarray(pc.list_value_length(level))
+        if level.null_count:
+            raise InputError(f"{url}: null values in {name!r}")
+        if len(lengths) == 0 or (lengths != lengths[0]).any():
+            lo, hi = (int(lengths.min()), int(lengths.max())) if len(lengths) else (0, 0)
+            raise InputError(f"{url}: rows of {name!r} have different lengths ({lo}..{hi})")
+        if lengths[0] == 0:
+            raise InputError(f"{url}: rows of {name!r} are empty")
+        shape.append(int(lengths[0]))
+        level = level.flatten()
+    if not (pa.types.is_integer(level.type) or pa.types.is_floating(level.type)):
+        raise InputError(f"{url}: column {name!r} must hold numbers or images, got {col.type}")
+    if level.null_count:
+        raise InputError(f"{url}: null values in {name!r}")
+    x = np.asarray(level, dtype=np.float64).reshape(n, -1)
+    return x, tuple(shape)
+
+
+def read_split(
+    url: str, storage_options: dict[str, str], x_column: str, y_column: str, id_column: str,
+    group_column: str | None = None,
+) -> Columns:
+    """Read one Parquet split; raises InputError with a one-line reason for anything unusable."""
+    from ddm_ray.store.fs import open_url, read_parquet, redact
+
+    raw, url = url, redact(url)  # messages never echo a presigned signature
+    try:
+        fs, path = open_url(raw, storage_options)
+        table = read_parquet(fs, path)
+    except FileNotFoundError:
+        raise InputError(f"{url}: no such file") from None
+    except DDMError:
+        raise
+    except Exception as e:  # noqa: BLE001  storage back-ends raise far beyond OSError
+        raise InputError(f"{url}: cannot read as Parquet ({brief(e)})") from None
+    names = table.column_names
+    wanted = [x_column, y_column] + ([group_column] if group_column else [])
+    for col in wanted:
+        if col not in names:
+            raise InputError(f"{url}: missing column {col!r} (has {', '.join(names) or 'none'})")
+    if table.num_rows == 0:
+        raise InputError(f"{url}: no rows")
+    xcol = table.column(x_column).combine_chunks()
+    if xcol.null_count:
+        raise InputError(f"{url}: null values in {x_column!r}")
+    if _is_image_type(xcol.type):
+        x, shape = _decode_images(_image_bytes(xcol, raw, storage_options), url)
+    elif _is_list(xcol.type):
+        x, shape = _numeric_lists(xcol, url, x_column)
+    else:
+        raise InputError(
+            f"{url}: column {x_column!r} must be a list of numbers or encoded images, got {xcol.type}"
+        )
+    y = _labels(table.column(y_column).combine_chunks(), url, y_column)
+    if id_column in names:
+        ids_col = table.column(id_column)
+        if not pa.types.is_integer(ids_col.type) or ids_col.null_count:
+            raise InputError(f"{url}: column {id_column!r} must be non-null integers, got {ids_col.type}")
+        ids = np.asarray(ids_col, dtype=np.int64)
+    else:
+        ids = np.arange(table.num_rows, dtype=np.int64)
+    groups = None
+    if group_column:
+        g = table.column(group_column).combine_chunks()
+        if g.null_count:
+            raise InputError(f"{url}: null values in the units column {group_column!r}")
+        if pa.types.is_dictionary(g.type):
+            g = g.cast(g.type.value_type)
+        if not (pa.types.is_integer(g.type) or pa.types.is_string(g.type) or pa.types.is_large_string(g.type)
+                or pa.types.is_boolean(g.type)):
+            raise InputError(f"{url}: units column {group_column!r} must be strings or integers, got {g.type}")
+        groups = np.asarray(g.to_pylist(), dtype=object)
+    return Columns(x, shape, y, ids, groups)
+
+
+def _labels(col: pa.Array, url: str, name: str) -> np.ndarray:
+    """Integer labels as int64; string (or dictionary-encoded string) labels as str objects."""
+    if col.null_count:
+        raise InputError(f"{url}: null values in the label column {name!r}")
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if pa.types.is_integer(col.type):
+        return np.asarray(col, dtype=np.int64)
+    if pa.types.is_boolean(col.type):
+        return np.asarray(col, dtype=np.int64)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return np.asarray(col.to_pylist(), dtype=object)
+    raise InputError(f"{url}: label column {name!r} must be integers or strings, got {col.type}")
+
+
+def encode_labels(y_train: np.ndarray, y_test: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, list[Any], list[str] | None]:
+    """Map labels to class indices 0..C-1 in sorted order of the training labels.
+
+    Returns (y_train_index, y_test_index, classes, class_names): classes are the integer labels
+    (or the indices, for string labels), class_names the string labels (None for integer ones).
+    """
+    strings = y_train.dtype == object or y_test.dtype == object
+    if strings:
+        if y_train.dtype != object or y_test.dtype != object:
+            raise InputError(f"{source}: train and test labels must both be strings or both integers")
+        names = sorted(set(y_train.tolist()))
+        lookup = {n: i for i, n in enumerate(names)}
+        unknown = sorted(set(y_test.tolist()) - set(names))
+        if unknown:
+            raise InputError(f"{source}: test labels not among the training classes: {', '.join(map(str, unknown[:5]))}")
+        tr = np.fromiter((lookup[v] for v in y_train.tolist()), dtype=np.int64, count=len(y_train))
+        te = np.fromiter((lookup[v] for v in y_test.tolist()), dtype=np.int64, count=len(y_test))
+        return tr, te, list(range(len(names))), names
+    classes = np.unique(y_train)
+    unknown = np.setdiff1d(np.unique(y_test), classes)
+    if len(unknown):
+        shown = ", ".join(map(str, unknown[:5].tolist()))
+        raise InputError(f"{source}: test labels not among the training classes: {shown}")
+    return (np.searchsorted(classes, y_train).astype(np.int64), np.searchsorted(classes, y_test).astype(np.int64),
+            [int(c) for c in classes], None)
