@@ -177,3 +177,12 @@ def test_library_functions_return_plain_data_and_read_through_audit_run(run_dir)
         assert reader not in source, f"ddm_ray/inspect.py uses {reader}: read through AuditRun"
     _, _, delta = run.matrix("loss")
     assert delta.shape == (30, 60) and np.isfinite(delta).all()
+
+
+def test_help_imports_neither_torch_nor_pyarrow():
+    code = ("import sys\nfrom ddm_ray.cli import build_parser\n"
+            "try:\n    build_parser().parse_args(['inspect', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print([m for m in ('torch', 'pyarrow', 'ray') if m in sys.modules])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "--worst-tests" in p.stdout and "--format" in p.stdout
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout
