@@ -1,0 +1,230 @@
+"""`ddm-ray report`: the HTML page over a real small run, its pictures, and a real browser's view."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import ddm_ray
+from ddm_ray.cli import main
+from ddm_ray.errors import InputError
+from ddm_ray.report import MEMBERS_SHOWN, image_layout, write_report
+from tests.conftest import TINY_RUN, blobs
+
+NAMES = np.array(["<i>ant</i>", "bee & co", 'cat"s'])  # label names the page must escape
+
+
+def _string_label_parquet(path: Path, n: int, seed: int) -> str:
+    x, y = blobs(n, seed=seed)
+    pq.write_table(pa.table({"x": pa.array(list(x), pa.list_(pa.float32())), "y": pa.array(NAMES[y])}), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tabular_run(tmp_path_factory) -> str:
+    """16 features, string labels with HTML characters: members are drawn as feature bars."""
+    d = tmp_path_factory.mktemp("report_tab")
+    tr = _string_label_parquet(d / "train.parquet", 120, 0)
+    te = _string_label_parquet(d / "test.parquet", 30, 1)
+    out = str(d / "run")
+    assert main(["run", "--train", tr, "--test", te, "--out", out, *TINY_RUN]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory) -> str:
+    """Digits as (1, 8, 8) images through a small ConvNet: members are drawn as images."""
+    out = str(tmp_path_factory.mktemp("report_img") / "run")
+    assert main(["run", "--out", out, "--input-shape", "1,8,8", "--model", "convnet", "--conv-channels", "4,8",
+                 "--fc-width", "16", "--max-train", "200", "--max-test", "40", "--epochs", "2",
+                 "--batch-size", "50", "--clusters-per-class", "1", "--ipc", "2", "--distill-steps", "5",
+                 "--quiet", "--engine", "local"]) == 0
+    return out
+
+
+def _page(index: str) -> str:
+    return Path(index).read_text(encoding="utf-8")
+
+
+def _imgs(page: str) -> list[str]:
+    return re.findall(r"<img [^>]*>", page)
+
+
+def _attr(tag: str, name: str) -> str:
+    m = re.search(rf'{name}="([^"]*)"', tag)
+    assert m, f"{name} missing in {tag}"
+    return m.group(1)
+
+
+def _cards(page: str) -> list[tuple[int, list[int]]]:
+    """(unit id, member sample ids drawn) of every unit card, in page order."""
+    out = []
+    for m in re.finditer(r'<div class="unit [a-z]+" data-unit-id="(\d+)">(.*?)</div></div>', page):
+        out.append((int(m.group(1)), [int(s) for s in re.findall(r'data-sample-id="(\d+)"', m.group(2))]))
+    return out
+
+
+def _check_pngs(page: str, folder: Path) -> list[Image.Image]:
+    images = []
+    for tag in _imgs(page):
+        path = folder / _attr(tag, "src")
+        assert path.is_file(), path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as im:
+            assert im.format == "PNG"
+            im.load()
+            images.append(im.copy())
+    return images
+
+
+def test_report_sections_units_and_member_pictures(tabular_run):
+    index = write_report(tabular_run)
+    folder = Path(index).parent
+    assert folder == Path(tabular_run) / "report"
+    page = _page(index)
+    for section in ("summary", "tests", "units", "distributions", "units-hurting", "label-problems"):
+        assert f'id="{section}"' in page
+    assert "No validation.json" in page and "test accuracy" in page and "train_and_units" in page
+    assert len(_check_pngs(page, folder)) == len(_imgs(page)) > 0
+
+    run = ddm_ray.open_run(tabular_run)
+    units = run.units().to_pydict()
+    members = dict(zip(units["unit_id"], units["sample_ids"], strict=True))
+    cards = _cards(page)
+    assert cards
+    for uid, drawn in cards:  # each card: the unit's first members, as many as it has up to the cap
+        assert drawn == members[uid][:MEMBERS_SHOWN]
+    drawn_ids = {s for _u, ids in cards for s in ids}
+    on_disk = {int(p.stem.split("-")[1]) for p in (folder / "samples").glob("train-*.png")}
+    assert on_disk == drawn_ids
+    member_tags = [t for t in _imgs(page) if 'class="member"' in t]
+    assert len(member_tags) == sum(len(ids) for _u, ids in cards)
+    # 16 features are not an image: feature bars of a fixed size
+    assert 'class="report bars"' in page and "bar charts of their 16 features" in page
+    assert {Image.open(folder / _attr(t, "src")).size for t in member_tags} == {(96, 48)}
+
+    # default choice: misclassified first by loss, at most max_tests; helpful/harmful as the API ranks them
+    shown = [int(t) for t in re.findall(r'class="test[^"]*" id="test-\d+" data-test-id="(\d+)"', page)]
+    ti = run.test_index().to_pydict()
+    key = {t: (c, -loss) for t, c, loss in zip(ti["test_id"], ti["correct"], ti["loss"], strict=True)}
+    assert len(shown) == min(12, len(key)) and shown == sorted(shown, key=lambda t: key[t])
+    first = re.search(rf'data-test-id="{shown[0]}">(.*?)(<div class="test(?: wrong)?" id=|</section>)', page).group(1)
+    helpful_part = first.split('<div class="rowlabel">most harmful</div>')[0]
+    helpful = [int(u) for u in re.findall(r'class="unit helpful" data-unit-id="(\d+)"', helpful_part)]
+    expected = [u for u, d in run.top_units(test_id=shown[0], k=5)["helpful"] if d > 0]
+    assert helpful == expected
+
+
+def test_report_escapes_data_text(tabular_run):
+    page = _page(write_report(tabular_run))
+    assert "<i>ant</i>" not in page and "&lt;i&gt;ant&lt;/i&gt;" in page
+    assert "bee &amp; co" in page and "cat&quot;s" in page
+
+
+def test_report_shows_the_test_ids_asked_for(tabular_run, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["report", tabular_run, "--report-out", str(out), "--test-id", "7", "--test-id", "3",
+                 "--test-id", "7", "--top", "2", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "index.html")
+    page = _page(str(out / "index.html"))
+    assert re.findall(r'data-test-id="(\d+)"', page) == ["7", "3"]
+    assert (out / "samples" / "test-7.png").is_file() and (out / "samples" / "test-3.png").is_file()
+    assert len(re.findall(r'class="unit helpful"', page.split('id="units"')[0])) <= 4
+    with pytest.raises(InputError, match="test id 999"):
+        write_report(tabular_run, report_out=str(tmp_path / "x"), test_ids=[999])
+
+
+def test_report_without_the_data_still_renders(tabular_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tabular_run, copy, ignore=shutil.ignore_patterns("report"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"]["data"]["train"] = "https://example.invalid/train.parquet?<redacted>"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    page = _page(write_report(str(copy)))
+    note = re.search(r'id="sample-note">([^<]*)<', page).group(1)
+    assert note.startswith("Sample images not drawn: the run&#x27;s data could not be loaded (") and "\n" not in note
+    assert not [t for t in _imgs(page) if 'class="member"' in t or 'class="testimg"' in t]
+    assert 'id="tests"' in page and 'data-unit-id="' in page and (copy / "report" / "effects.png").is_file()
+
+
+def test_report_one_line_errors(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no run here" in err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "manifest.json").write_text(json.dumps({"status": "running"}))
+    assert main(["report", "--out", str(tmp_path / "half")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not complete" in err
+    assert main(["report", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 2
+    assert "two run folders" in capsys.readouterr().err
+
+
+def test_image_layout_rule():
+    assert image_layout((1, 28, 28)) == (1, 28, 28) and image_layout((3, 32, 32)) == (3, 32, 32)
+    assert image_layout((8, 8)) == (1, 8, 8) and image_layout((64,)) == (1, 8, 8)
+    assert image_layout((784,)) == (1, 28, 28)
+    assert image_layout((16,)) is None and image_layout((10,)) is None and image_layout((2, 8, 8)) is None
+
+
+def test_image_run_draws_members_as_images(image_run):
+    index = write_report(image_run, max_tests=4, top=2)
+    folder = Path(index).parent
+    page = _page(index)
+    assert 'class="report"' in page and "drawn as images" in page and "1x8x8" in page
+    images = _check_pngs(page, folder)
+    members = [t for t in _imgs(page) if 'class="member"' in t]
+    assert members and len(re.findall(r'class="test[^"]*" id="test-', page)) == 4
+    for tag in members:
+        with Image.open(folder / _attr(tag, "src")) as im:
+            assert im.size == (48, 48) and im.mode == "L"  # 8x8 upscaled 6x, grayscale
+            assert len(set(im.getdata())) > 2  # a drawn digit, not a blank square
+    assert len(images) == len(_imgs(page))
+
+
+def _browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000"]
+    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(profile)})
+
+
+@pytest.mark.skipif(_browser() is None, reason="no chromium/chrome binary on PATH (.ci/run installs the distribution's chromium)")
+def test_report_in_a_real_browser(image_run, tmp_path):
+    index = Path(write_report(image_run, report_out=str(tmp_path / "rep"), max_tests=3, top=2))
+    binary = _browser()
+    assert binary is not None
+    url = index.resolve().as_uri()
+    dom = _chromium(binary, tmp_path / "profile", "--dump-dom", url).stdout
+    body = re.search(r"<body[^>]*>", dom)
+    assert body, dom[:500]
+    total = len(_imgs(_page(str(index))))
+    assert int(_attr(body.group(0), "data-images-total")) == total > 10
+    assert int(_attr(body.group(0), "data-images-loaded")) == total  # every picture decoded
+
+    shot = tmp_path / "shot.png"
+    _chromium(binary, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,2000", url)
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2000)
+        gray = np.asarray(im.convert("L"), dtype=np.float32)
+    assert gray.std() > 10  # not a blank page
+    # the first test card's 96x96 sample sits in its dark-background digit: some rows are mostly dark
+    assert (gray < 60).sum() > 96 * 96
