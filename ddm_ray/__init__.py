@@ -8,11 +8,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: `import ddm_ray` stays light (no torch)
-    if name in ("open_run", "AuditRun"):
+    if name in ("open_run", "AuditRun", "Run"):
         from ddm_ray import api
 
-        return getattr(api, name)
+        return getattr(api, "AuditRun" if name == "Run" else name)
+    if name in ("audit", "audit_options"):
+        from ddm_ray import audit_run
+
+        return getattr(audit_run, name)
     raise AttributeError(f"module 'ddm_ray' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "open_run", "AuditRun"]
+__all__ = ["__version__", "audit", "audit_options", "open_run", "AuditRun", "Run"]

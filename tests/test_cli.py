@@ -61,6 +61,7 @@ def test_same_config_gives_identical_files_and_refuses_other_configs(tmp_path, t
     assert rc != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ddm-ray: error:") and "another config" in err[-1]
+    assert "distill.ipc: 4 -> 3" in err[-1]  # the refusal names the field that differs
     assert _manifest(a)["status"] == "complete"  # untouched
 
 

@@ -43,12 +43,13 @@ def _bad(tmp_path, table: pa.Table) -> str:
         (lambda p, tr: str(p / "missing.parquet"), "no such file"),
         (lambda p, tr: _write_text(p / "junk.parquet"), "cannot read as Parquet"),
         (lambda p, tr: _bad(p, pa.table({"x": [[1.0]], "label": [1]})), "missing column 'y'"),
-        (lambda p, tr: _bad(p, pa.table({"x": [1.0, 2.0], "y": [0, 1]})), "list of floats"),
+        (lambda p, tr: _bad(p, pa.table({"x": [1.0, 2.0], "y": [0, 1]})), "list of numbers or encoded images"),
         (lambda p, tr: _bad(p, pa.table({"x": [[1.0] * 16, [float("nan")] * 16], "y": [0, 1]})), "NaN"),
         (lambda p, tr: _bad(p, pa.table({"x": [[1.0] * 16, [float("inf")] * 16], "y": [0, 1]})), "NaN or infinite"),
         (lambda p, tr: _bad(p, pa.table({"x": [[1.0] * 16, [1.0] * 15], "y": [0, 1]})), "different lengths"),
         (lambda p, tr: _bad(p, pa.table({"x": [[1.0] * 16], "y": [99]})), "not among the training classes"),
-        (lambda p, tr: _bad(p, pa.table({"x": [[1.0] * 16], "y": ["a"]})), "integer labels"),
+        (lambda p, tr: _bad(p, pa.table({"x": [[1.0] * 16], "y": ["a"]})), "both be strings or both integers"),
+        (lambda p, tr: _bad(p, pa.table({"x": [[1.0] * 16], "y": [0.5]})), "integers or strings"),
     ],
 )
 def test_bad_test_files_are_rejected(tmp_path, tiny_parquet, make, match):

@@ -1,0 +1,123 @@
+"""User Parquet beyond flat lists: named columns, nested lists, PNG/JPEG bytes, Hugging Face
+{bytes, path} image structs, string labels and a units column; each bad case is one InputError."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ddm_ray.config import DataConfig
+from ddm_ray.data import load_dataset
+from ddm_ray.errors import InputError
+
+
+def _png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _gray_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 6, 5), dtype=np.uint8)
+
+
+def _write(path, table: pa.Table) -> str:
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+def test_named_columns_string_labels_and_units_column(tmp_path):
+    x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    names = np.array(["cat", "dog", "ant"])[np.arange(12) % 3]
+    t = pa.table({"pixels": list(x), "label": names, "source": [f"s{i % 4}" for i in range(12)],
+                  "key": np.arange(100, 112)})
+    tr = _write(tmp_path / "tr.parquet", t)
+    te = _write(tmp_path / "te.parquet", t.slice(0, 5).drop(["source"]))
+    ds = load_dataset(DataConfig(dataset="parquet", train=tr, test=te, x_column="pixels", y_column="label",
+                                 id_column="key"), group_column="source")
+    assert ds.class_names == ["ant", "cat", "dog"]  # sorted order
+    assert ds.y_train.tolist()[:3] == [1, 2, 0]  # cat, dog, ant
+    assert [ds.name_of(c) for c in ds.y_test.tolist()] == names[:5].tolist()
+    assert ds.train_ids.tolist() == list(range(100, 112))
+    assert ds.train_groups == [f"s{i % 4}" for i in range(12)]
+    np.testing.assert_allclose(ds.x_train.numpy(), x)
+
+
+def test_nested_lists_keep_their_shape(tmp_path):
+    x = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    t = pa.table({"x": [[row.tolist() for row in img] for img in x], "y": [0, 1]})
+    p = _write(tmp_path / "n.parquet", t)
+    ds = load_dataset(DataConfig(dataset="parquet", train=p, test=p))
+    assert ds.input_shape == (3, 4)
+    np.testing.assert_array_equal(ds.x_train.numpy(), x)
+
+
+def test_png_bytes_decode_to_one_channel_images(tmp_path):
+    imgs = _gray_images(6)
+    t = pa.table({"image": pa.array([_png(a) for a in imgs], pa.binary()), "y": [0, 1] * 3})
+    p = _write(tmp_path / "png.parquet", t)
+    ds = load_dataset(DataConfig(dataset="parquet", train=p, test=p, x_column="image"))
+    assert ds.input_shape == (1, 6, 5)
+    np.testing.assert_allclose(ds.x_train.numpy()[:, 0], imgs / 255.0, atol=1e-6)  # PNG is lossless
+
+
+def test_hugging_face_image_struct_with_bytes_and_relative_path(tmp_path):
+    imgs = np.random.default_rng(1).integers(0, 256, size=(4, 5, 5, 3), dtype=np.uint8)
+    (tmp_path / "pics").mkdir()
+    Image.fromarray(imgs[3]).save(tmp_path / "pics" / "three.png")
+    cells = [{"bytes": _png(a), "path": f"img{i}.png"} for i, a in enumerate(imgs[:3])]
+    cells.append({"bytes": None, "path": "pics/three.png"})  # bytes absent: read beside the Parquet
+    t = pa.table({"image": pa.array(cells, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                  "label": ["a", "b", "a", "b"]})
+    p = _write(tmp_path / "hf.parquet", t)
+    ds = load_dataset(DataConfig(dataset="parquet", train=p, test=p, x_column="image", y_column="label"))
+    assert ds.input_shape == (3, 5, 5)
+    np.testing.assert_allclose(ds.x_train.numpy(), imgs.transpose(0, 3, 1, 2) / 255.0, atol=1e-6)
+
+
+def test_jpeg_rgb_is_decoded(tmp_path):
+    imgs = np.full((2, 8, 8, 3), 200, dtype=np.uint8)
+    t = pa.table({"x": pa.array([_png(a, "JPEG") for a in imgs], pa.binary()), "y": [0, 1]})
+    p = _write(tmp_path / "j.parquet", t)
+    ds = load_dataset(DataConfig(dataset="parquet", train=p, test=p))
+    assert ds.input_shape == (3, 8, 8)
+    assert abs(float(ds.x_train.mean()) - 200 / 255) < 0.02
+
+
+@pytest.mark.parametrize(
+    "table,match",
+    [
+        (pa.table({"x": pa.array([_png(_gray_images(1)[0]), b"not an image"], pa.binary()), "y": [0, 1]}),
+         "row 1: not a decodable image"),
+        (pa.table({"x": pa.array([_png(_gray_images(1)[0]), _png(np.zeros((7, 5), np.uint8))], pa.binary()),
+                   "y": [0, 1]}), "resize the images"),
+        (pa.table({"x": pa.array([{"bytes": None, "path": "nope.png"}] * 2,
+                                 pa.struct([("bytes", pa.binary()), ("path", pa.string())])), "y": [0, 1]}),
+         "image file nope.png not found"),
+        (pa.table({"x": [[1.0], [2.0]], "y": ["a", None]}), "null values in the label column"),
+        (pa.table({"x": [["a"], ["b"]], "y": [0, 1]}), "must hold numbers or images"),
+        (pa.table({"x": [[1.0], [2.0]], "y": [0, 1], "id": ["a", "b"]}), "must be non-null integers"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(tmp_path, table, match):
+    p = _write(tmp_path / "bad.parquet", table)
+    with pytest.raises(InputError, match=match) as e:
+        load_dataset(DataConfig(dataset="parquet", train=p, test=p))
+    assert "\n" not in str(e.value)
+
+
+def test_units_column_with_nulls_is_refused(tmp_path):
+    t = pa.table({"x": [[1.0], [2.0]], "y": [0, 1], "source": ["a", None]})
+    p = _write(tmp_path / "g.parquet", t)
+    with pytest.raises(InputError, match="null values in the units column 'source'"):
+        load_dataset(DataConfig(dataset="parquet", train=p, test=p), group_column="source")
+
+
+def test_units_column_needs_parquet():
+    with pytest.raises(InputError, match="--units-from source reads a column"):
+        load_dataset(DataConfig(), group_column="source")
