@@ -386,30 +386,40 @@ def _tests_section(frame: _Frame, positions: list[int], samples: _Samples, top: 
     return "".join(out)
 
 
-def unit_statistics(frame: _Frame) -> dict[str, np.ndarray]:
-    """Per unit (U,): tests hurt (helped < 0), total harm (sum of -helped where < 0), mean
-    effect over all tests, and mean effect on test samples of its own label (NaN if none/mixed)."""
+def unit_statistics(frame: _Frame, top: int) -> dict[str, np.ndarray]:
+    """Per unit (U,): "hurt", the test samples for which it is among the `top` most harmful units
+    (helped < 0); "harm", its total harm (sum of -helped where < 0); "mean", its mean effect over
+    all tests; "own"/"other", its mean effect on test samples of its own label / of the others
+    (NaN if none, or the unit spans labels). Counting top-k places, not every slightly negative
+    entry, keeps the many near-zero effects of unrelated classes out of the ranking."""
     h = frame.helped
-    own = np.full(len(frame.unit_ids), np.nan)
-    other = np.full(len(frame.unit_ids), np.nan)
+    n_units = len(frame.unit_ids)
+    own = np.full(n_units, np.nan)
+    other = np.full(n_units, np.nan)
     for i, lab in enumerate(frame.unit_label):
         mask = frame.test_label == lab
         if lab >= 0 and mask.any():
             own[i] = float(h[i, mask].mean())
         if (~mask).any():
             other[i] = float(h[i, ~mask].mean())
+    hurt = np.zeros(n_units, dtype=np.int64)
+    if h.size:
+        k = min(top, n_units)
+        worst = np.argsort(h, axis=0, kind="stable")[:k]  # (k, N) rows of the k most harmful units
+        hits = np.take_along_axis(h, worst, axis=0) < 0
+        np.add.at(hurt, worst[hits], 1)
     return {
-        "hurt": (h < 0).sum(axis=1),
+        "hurt": hurt,
         "harm": np.where(h < 0, -h, 0.0).sum(axis=1),
-        "mean": h.mean(axis=1) if h.shape[1] else np.zeros(len(frame.unit_ids)),
+        "mean": h.mean(axis=1) if h.shape[1] else np.zeros(n_units),
         "own": own,
         "other": other,
     }
 
 
-def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Samples) -> str:
+def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Samples, top: int) -> str:
     n = len(frame.test_ids)
-    hurt_order = np.lexsort((-stats["harm"], -stats["hurt"]))[:UNITS_LISTED]
+    hurt_order = [int(i) for i in np.lexsort((-stats["harm"], -stats["hurt"])) if stats["hurt"][i] > 0][:UNITS_LISTED]
     own = stats["own"]
     suspects = [int(i) for i in np.argsort(np.where(np.isnan(own), np.inf, own), kind="stable") if own[i] < 0]
     suspects = suspects[:UNITS_LISTED]
@@ -417,22 +427,24 @@ def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Sample
     def row(i: int, kind: str, stat: str) -> list[str]:
         return [
             f"{int(frame.unit_ids[i])}", _e(frame.unit_name[i]), f"{int(frame.unit_size[i])}",
-            f"{int(stats['hurt'][i])} / {n}", f"{stats['harm'][i]:.4g}",
+            f"{int(stats['hurt'][i])}", f"{stats['harm'][i]:.4g}",
             f"{own[i]:+.4g}" if not np.isnan(own[i]) else "&ndash;",
             f"{stats['other'][i]:+.4g}" if not np.isnan(stats["other"][i]) else "&ndash;",
             _unit_card(frame, i, samples, kind, stat),
         ]
 
-    header = ("unit", "label", "members", "tests hurt", "total harm", "own-label mean effect",
+    header = ("unit", "label", "members", f"top-{top} harmful for", "total harm", "own-label mean effect",
               "other-label mean effect", "members drawn")
-    hurt_rows = [row(int(i), "harmful", f"hurts {int(stats['hurt'][i])} tests") for i in hurt_order]
+    hurt_rows = [row(i, "harmful", f"top-{top} harmful for {int(stats['hurt'][i])} tests") for i in hurt_order]
     sus_rows = [row(i, "harmful", f"own-label effect {own[i]:+.3g}") for i in suspects]
     effect = ("raises the loss" if frame.objective == "loss" else f"lowers the {frame.objective}")
     return (
         '<section id="units"><h2>Units</h2>'
         f'<p class="note">Effect = how much removing the unit would worsen a prediction (sign-normalised '
         f"&Delta;, objective {_e(frame.objective)}): &gt; 0 the unit helped, &lt; 0 it hurt. A unit hurts a "
-        f"test sample when removing it would improve that prediction.</p>"
+        f"test sample when removing it would improve that prediction; <i>top-{top} harmful for</i> counts the "
+        f"test samples (of {n}) for which it is among the {top} most harmful units; total harm sums its "
+        "negative effects over all test samples.</p>"
         f'<h3 id="units-hurting">Units that hurt the most test samples</h3>{_table(header, hurt_rows)}'
         '<h3 id="label-problems">Likely label problems</h3>'
         '<p class="note">Units whose removal would improve the predictions on test samples of their own label, '
@@ -444,7 +456,7 @@ def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Sample
     )
 
 
-def _charts(frame: _Frame, stats: dict[str, np.ndarray], path: str) -> None:
+def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int, path: str) -> None:
     """One PNG of four histograms of per-unit effects."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -456,7 +468,7 @@ def _charts(frame: _Frame, stats: dict[str, np.ndarray], path: str) -> None:
     panels = [
         (stats["mean"], "mean effect of each unit over all test samples", "units", False),
         (h.reshape(-1), "effect of each unit on each test sample", "unit x test pairs (log)", True),
-        (stats["hurt"].astype(float), "test samples each unit hurts", "units", False),
+        (stats["hurt"].astype(float), f"test samples for which each unit is top-{top} harmful", "units", False),
         (stats["own"][~np.isnan(stats["own"])], "mean effect on test samples of the unit's own label", "units", False),
     ]
     for ax, (values, title, ylabel, log) in zip(axes.reshape(-1), panels, strict=True):
@@ -518,8 +530,8 @@ def write_report(
         raise InputError(f"cannot write the report to {folder}: {brief(e)}") from None
     samples, sample_note = _load_samples(run, folder, opts)
     log(sample_note)
-    stats = unit_statistics(frame)
-    _charts(frame, stats, os.path.join(folder, "effects.png"))
+    stats = unit_statistics(frame, top)
+    _charts(frame, stats, top, os.path.join(folder, "effects.png"))
     bars = " bars" if samples.available and samples.layout is None else ""
     title = f"ddm-ray report: {run.store.url}"
     page = (
@@ -533,7 +545,7 @@ def write_report(
         '<a href="#distributions">Distributions</a></nav>'
         + _summary(run, frame, samples, sample_note, validation)
         + _tests_section(frame, positions, samples, top, bool(test_ids))
-        + _units_section(frame, stats, samples)
+        + _units_section(frame, stats, samples, top)
         + '<section id="distributions"><h2>Distributions</h2>'
         '<img class="chart" src="effects.png" alt="histograms of per-unit effects" width="880" height="512"></section>'
         + "</body></html>\n"

@@ -18,7 +18,7 @@ from PIL import Image
 import ddm_ray
 from ddm_ray.cli import main
 from ddm_ray.errors import InputError
-from ddm_ray.report import MEMBERS_SHOWN, image_layout, write_report
+from ddm_ray.report import MEMBERS_SHOWN, _Frame, choose_tests, image_layout, unit_statistics, write_report
 from tests.conftest import TINY_RUN, blobs
 
 NAMES = np.array(["<i>ant</i>", "bee & co", 'cat"s'])  # label names the page must escape
@@ -175,6 +175,32 @@ def test_image_layout_rule():
     assert image_layout((8, 8)) == (1, 8, 8) and image_layout((64,)) == (1, 8, 8)
     assert image_layout((784,)) == (1, 28, 28)
     assert image_layout((16,)) is None and image_layout((10,)) is None and image_layout((2, 8, 8)) is None
+
+
+def _frame(delta: np.ndarray, objective: str, unit_label: list[int], test_label: list[int],
+           correct: list[bool], loss: list[float]) -> _Frame:
+    u, n = delta.shape
+    return _Frame(objective, np.arange(u), delta if objective == "loss" else -delta, delta,
+                  np.asarray(unit_label), [str(v) for v in unit_label], np.ones(u, np.int64), ["cluster"] * u,
+                  [[i] for i in range(u)], np.arange(100, 100 + n), np.asarray(test_label),
+                  [str(v) for v in test_label], [str(v) for v in test_label], np.asarray(loss), np.asarray(correct))
+
+
+def test_unit_statistics_and_test_choice_on_a_hand_made_matrix():
+    # loss deltas: unit 0 helps test 0 (its label) and hurts test 1; unit 1 hurts its own label (test 0)
+    delta = np.array([[0.5, -0.2, 0.1], [-0.3, 0.4, -0.1], [0.2, 0.1, -0.4]], np.float32)
+    f = _frame(delta, "loss", [0, 0, 1], [0, 1, 1], [True, False, False], [0.1, 2.0, 3.0])
+    s = unit_statistics(f, top=1)
+    assert s["hurt"].tolist() == [1, 1, 1]  # most harmful: test 0 -> unit 1, test 1 -> unit 0, test 2 -> unit 2
+    np.testing.assert_allclose(s["harm"], [0.2, 0.4, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(s["own"], [0.5, -0.3, (0.1 - 0.4) / 2], rtol=1e-6)
+    np.testing.assert_allclose(s["other"], [(-0.2 + 0.1) / 2, (0.4 - 0.1) / 2, 0.2], rtol=1e-6)
+    assert unit_statistics(f, top=2)["hurt"].tolist() == [1, 2, 1]  # only negative effects count
+    margin = unit_statistics(_frame(-delta, "margin", [0, 0, 1], [0, 1, 1], [True] * 3, [0.0] * 3), top=1)
+    np.testing.assert_allclose(margin["own"], s["own"], rtol=1e-6)  # margin signs flip into the same effect
+    assert choose_tests(f, None, 2) == [2, 1]  # misclassified first, by descending loss
+    assert choose_tests(f, None, 5) == [2, 1, 0]
+    assert choose_tests(f, [100, 102, 100], 1) == [0, 2]  # asked-for ids, each once, max_tests not applied
 
 
 def test_image_run_draws_members_as_images(image_run):
