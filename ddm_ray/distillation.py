@@ -4,10 +4,15 @@ blend calibration and the synsets (the math is in `ddm_ray.core`).
 `distill_synsets` drives it; shards (`Shard`: probe-direction ranges for the adjoint, unit ranges
 for the forward unroll, class ranges for the paper-style methods) run through an executor's
 `distill`, and every finished piece can be saved and reloaded for resume.
+
+Progress: the driver counts finished pieces (shards, or classes for the paper-style methods) with
+rate and ETA; inside a shard, wherever it runs, the adjoint reports the epochs of its backward
+pass and the blend calibration its exact retrainings (`engine.progress`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,10 +25,7 @@ from ddm_ray.core.adjoint import adjoint_unrolled
 from ddm_ray.core.distill import basis_synset, distill_class
 from ddm_ray.core.metrics import pearson, spearman
 from ddm_ray.core.models import Network, Params, flatten
-from ddm_ray.core.objectives import all_objectives
-from ddm_ray.core.online import (
-    evaluate_units,
-)
+from ddm_ray.core.online import base_objectives, evaluate_units
 from ddm_ray.core.probe import ProbeBasis, probe_basis, select_probes
 from ddm_ray.core.synset import Synset
 from ddm_ray.core.targets import (
@@ -34,10 +36,12 @@ from ddm_ray.core.targets import (
     influence_target,
 )
 from ddm_ray.core.training import Trajectory, retrain_without
+from ddm_ray.engine.progress import Progress
 from ddm_ray.errors import NonFiniteError
 from ddm_ray.offline import Offline
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,21 +121,27 @@ def distill_shard(job: DistillJob, shard: Shard) -> Iterator[tuple[str, dict[str
         None if job.traj.velocities is None else [{n: t.to(dev) for n, t in p.items()} for p in job.traj.velocities],
     )
     if shard.kind == "classes":
+        bar = Progress(shard.hi - shard.lo, what=f"distill {shard.key}", unit="classes", logger=_log)
         for c in range(shard.lo, shard.hi):
             uids = torch.nonzero(job.unit_label == c).flatten().tolist()
             members = [torch.nonzero(job.unit_of == u).flatten().to(dev) for u in uids]
             syn = distill_class(net, traj, c, uids, members, x, y, cfg.distill)
+            bar.update(1)
             yield f"class-{c:06d}", syn.to_dict()
+        bar.close()
         return
     if job.directions is None:
         raise ValueError(f"shard {shard.key} needs the probe subspace")
     v = job.directions.to(dev)
     n_units = int(job.unit_label.numel())
     if shard.kind == "columns":
-        c = adjoint_unrolled(
-            net, traj, x, y, job.unit_of.to(dev), n_units, cfg.train, v[:, shard.lo : shard.hi],
-            cfg.distill.unroll_epochs,
-        )
+        unroll = cfg.distill.unroll_epochs
+        epochs = cfg.train.epochs if unroll is None else max(0, min(unroll, cfg.train.epochs))
+        with Progress(epochs, what=f"distill {shard.key} (adjoint)", unit="epochs", logger=_log) as bar:
+            c = adjoint_unrolled(
+                net, traj, x, y, job.unit_of.to(dev), n_units, cfg.train, v[:, shard.lo : shard.hi],
+                cfg.distill.unroll_epochs, on_epoch=bar.set,
+            )
     elif shard.kind == "units":
         c = forward_unrolled_projected(
             net, {n: t.to(dev) for n, t in job.params0.items()}, x, y, job.unit_of.to(dev),
@@ -221,13 +231,13 @@ def exact_loss_deltas(cfg: RunConfig, off: Offline, units: list[int], device: st
     net.module.to(dev)
     p0 = {k: v.to(dev) for k, v in off.params0.items()}
     x, y, xt, yt = ds.x_train.to(dev), ds.y_train.to(dev), ds.x_test.to(dev), ds.y_test.to(dev)
-    with torch.no_grad():
-        base = all_objectives(net.logits({k: v.to(dev) for k, v in off.traj.final.items()}, xt), yt, ("loss",))[0]
+    base = base_objectives(net, {k: v.to(dev) for k, v in off.traj.final.items()}, xt, yt, ("loss",))[0]
     rows = []
-    for u in units:
-        p = retrain_without(net, p0, x, y, cfg.train, off.units.unit_of == u)
-        with torch.no_grad():
-            rows.append(all_objectives(net.logits(p, xt), yt, ("loss",))[0] - base)
+    with Progress(len(units), what="blend calibration", unit="retrainings", logger=_log) as bar:
+        for u in units:
+            p = retrain_without(net, p0, x, y, cfg.train, off.units.unit_of == u)
+            rows.append(base_objectives(net, p, xt, yt, ("loss",))[0] - base)
+            bar.update(1)
     return torch.stack(rows).cpu()
 
 
@@ -271,7 +281,7 @@ def distill_synsets(
     receives what was done (method, target, solver, subspace rank, shards) for the manifest.
     `call(fn, *args)` runs the one-process subspace stage (an executor's: on a GPU when there is one)."""
     ds, d = off.dataset, cfg.distill
-    log = log or (lambda msg: None)
+    log = log or _log.info
     load = load or (lambda key: None)
     save = save or (lambda key, piece: None)
     basis = pieces = None
@@ -279,11 +289,13 @@ def distill_synsets(
         state = load("subspace")
         if state is None:
             t0 = time.perf_counter()
+            log(f"distill: probe subspace ({d.probe_samples} probe samples, rank {d.probe_rank})")
             state = call(subspace_of, cfg, off)
             _check_piece("subspace", state)
             save("subspace", state)
             if timings is not None:
                 timings["distill_subspace"] = round(time.perf_counter() - t0, 3)  # part of "distill"
+            log(f"distill: probe subspace in {time.perf_counter() - t0:.1f}s")
         index = state["index"]
         basis = ProbeBasis(index, ds.x_train[index], ds.y_train[index], state["v"], state["coef"], state["lam"])
         pieces = InfluencePieces(state["h"], state["g"]) if "h" in state else None
@@ -303,11 +315,14 @@ def distill_synsets(
             cfg, ds.input_shape, ds.num_classes, off.params0, off.traj, ds.x_train, ds.y_train,
             off.units.unit_of, off.units.label, None if basis is None else basis.v,
         )
-        for key, piece in distill(job, missing):
-            _check_piece(key, piece)
-            save(key, piece)
-            have[key] = piece
-            log(f"distilled {key} ({len(have)}/{len(shards)})")
+        classes = all(sh.kind == "classes" for sh in missing)
+        pieces_due = sum(sh.hi - sh.lo for sh in missing) if classes else len(missing)
+        with Progress(pieces_due, what="distill", unit="classes" if classes else "shards", logger=_log) as bar:
+            for key, piece in distill(job, missing):
+                _check_piece(key, piece)
+                save(key, piece)
+                have[key] = piece
+                bar.update(1)
     if basis is None:
         syn = Synset.concat([Synset.from_dict(have[f"class-{c:06d}"]) for c in range(ds.num_classes)])
         order = torch.argsort(syn.unit_ids)
@@ -318,6 +333,7 @@ def distill_synsets(
         weight = d.blend_weight
         if d.target == "blend" and weight is None and unrolled is not None and influence is not None:
             t0 = time.perf_counter()
+            log(f"distill: calibrating the blend on {d.calibration_units} exact retrainings")
             weight, scores = calibrate_blend(cfg, off, basis, unrolled, influence, call)
             log(f"blend calibrated on {d.calibration_units} exact retrainings: unrolled weight {weight}")
             if info is not None:

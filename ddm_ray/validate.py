@@ -1,89 +1,120 @@
 """`ddm-ray validate`: a finished run's rows against exact leave-one-out retraining.
 
 Exact retraining uses the run's own init, seed and data order with the unit's samples dropped
-(`core.training.train` with a keep mask), so the only difference is the removed data. The same
-units are also scored by the gradient-ascent peer (one ascent step on the unit's real samples from
-the final model), the floor DDM must beat.
+(`core.training.retrain_without`), so the only difference is the removed data. The same units are
+also scored by the gradient-ascent peer (`core.peers.gradient_ascent`: one ascent step on the
+unit's real samples from the final model), the floor DDM must beat. The run is read through
+`ddm_ray.api.open_run` (verified parts). `retrain_logits` is the one fan-out of exact retrainings,
+shared with the fidelity benchmark; it reports units retrained, rate and ETA.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.func import grad
 
+from ddm_ray.api import AuditRun, open_run
 from ddm_ray.config import RunConfig
+from ddm_ray.core import peers
 from ddm_ray.core.metrics import agreement
 from ddm_ray.core.models import Network, Params
 from ddm_ray.core.objectives import all_objectives
-from ddm_ray.core.training import retrain_without
-from ddm_ray.data import Dataset, load_dataset
+from ddm_ray.core.online import base_objectives
+from ddm_ray.core.training import Trajectory, retrain_without
+from ddm_ray.data import load_dataset
 from ddm_ray.engine.fanout import FanOut
+from ddm_ray.engine.progress import Progress
 from ddm_ray.errors import RunStateError
 from ddm_ray.store.run_store import RunStore
 
+_log = logging.getLogger(__name__)
+
+
+def run_config(run: AuditRun) -> RunConfig:
+    """The config of an opened run, checked against the hash it was stored under."""
+    cfg = RunConfig.from_dict(run.manifest["config"])
+    if cfg.hash() != run.manifest.get("config_hash"):
+        raise RunStateError(f"{run.store.url}: manifest config does not match its hash")
+    return cfg
+
 
 def load_complete_run(out: str, storage_options: dict[str, str]) -> tuple[RunStore, dict[str, Any], RunConfig]:
-    store = RunStore(out, storage_options)
-    if not store.exists(RunStore.MANIFEST):
-        raise RunStateError(f"{out}: no run here (manifest.json missing)")
-    manifest = store.read_json(RunStore.MANIFEST)
-    if manifest.get("status") != "complete":
-        raise RunStateError(f"{out}: the run is not complete (status {manifest.get('status')!r}); finish it with --resume")
-    cfg = RunConfig.from_dict(manifest["config"])
-    if cfg.hash() != manifest.get("config_hash"):
-        raise RunStateError(f"{out}: manifest config does not match its hash")
-    return store, manifest, cfg
+    """(store, manifest, config) of a complete run, opened by `ddm_ray.api.open_run`."""
+    run = open_run(out, storage_options)
+    return run.store, run.manifest, run_config(run)
 
 
-def read_rows(store: RunStore, manifest: dict[str, Any], units: list[int], objective: str, n_test: int) -> torch.Tensor:
-    """DDM deltas for `units` and one objective: (len(units), n_test), in the given unit order."""
-    want = {u: i for i, u in enumerate(units)}
-    out = torch.full((len(units), n_test), float("nan"))
-    for _name, table in store.complete_parts(manifest):
-        t = table.to_pydict()
-        for u, o, d in zip(t["unit_id"], t["objective"], t["delta"], strict=True):
-            if o == objective and u in want:
-                out[want[u]] = torch.tensor(d)
+def read_rows(run: AuditRun, units: list[int], objective: str) -> torch.Tensor:
+    """DDM deltas for `units` and one objective: (len(units), n_test), in the given unit order;
+    NaN rows for units the run does not hold."""
+    unit_ids, test_ids, delta = run.matrix(objective)
+    row = {int(u): i for i, u in enumerate(unit_ids)}
+    out = torch.full((len(units), len(test_ids)), float("nan"))
+    for j, u in enumerate(units):
+        if u in row:
+            out[j] = torch.from_numpy(delta[row[u]])
     return out
 
 
-def _objectives(net: Network, p: Params, ds: Dataset, names: tuple[str, ...]) -> torch.Tensor:
-    with torch.no_grad():
-        return all_objectives(net.logits(p, ds.x_test), ds.y_test, names)
+def sample_units(n_units: int, want: int | None, seed: int) -> list[int]:
+    """A seeded sample of `want` units (ascending), or every unit when want is None or >= n_units."""
+    if want is None or want >= n_units:
+        return list(range(n_units))
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_units, generator=gen)[:want].tolist())
 
 
-def gradient_ascent(net: Network, final: Params, x: torch.Tensor, y: torch.Tensor, lr: float, batch_size: int) -> Params:
-    """One ascent step on the unit's real samples x (n, ...), y (n,) from the final model."""
-    g = grad(lambda p: F.cross_entropy(net.logits(p, x), y, reduction="sum") / batch_size)(final)
-    return {k: final[k] + lr * g[k] for k in final}
+# ---- exact retraining, fanned out ----------------------------------------------------------------
+@dataclass
+class RetrainJob:
+    """What every exact retraining shares; shipped once to each worker."""
+
+    cfg: RunConfig
+    input_shape: tuple[int, ...]
+    num_classes: int
+    params0: Params
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+
+
+def _retrain_chunk(job: RetrainJob, keeps: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """keeps (k, N) bool -> (test logits (k, N_test, C) of the models retrained without ~keep,
+    seconds spent retraining)."""
+    net = Network(job.cfg.model, job.input_shape, job.num_classes)
+    out, seconds = [], 0.0
+    for keep in keeps:
+        t0 = time.perf_counter()
+        p = retrain_without(net, job.params0, job.x_train, job.y_train, job.cfg.train, ~keep)
+        seconds += time.perf_counter() - t0
+        with torch.no_grad():
+            out.append(net.logits(p, job.x_test))
+    return torch.stack(out), seconds
+
+
+def retrain_logits(
+    fan: FanOut, job: RetrainJob, keeps: torch.Tensor, chunk: int = 8, what: str = "exact retraining",
+    unit: str = "models",
+) -> tuple[torch.Tensor, float]:
+    """Exact retraining for every row of keeps (K, N), `chunk` rows per task: test logits
+    (K, N_test, C) and the seconds the retrainings took (summed over workers). Progress: `what`,
+    rows retrained (named `unit`), rate and ETA, counted in the driver as tasks finish."""
+    if keeps.shape[0] == 0:
+        return torch.zeros(0, job.x_test.shape[0], job.num_classes), 0.0
+    parts = [keeps[i : i + chunk] for i in range(0, keeps.shape[0], chunk)]
+    with Progress(keeps.shape[0], what=what, unit=unit, logger=_log) as bar:
+        results = fan.map(_retrain_chunk, job, parts, on_done=lambda i: bar.update(parts[i].shape[0]))
+    return torch.cat([r[0] for r in results]), sum(r[1] for r in results)
 
 
 def _scores(pred: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     return agreement(pred, exact, "per_test_mean")
-
-
-@dataclass
-class _RetrainJob:
-    cfg: RunConfig
-    ds: Dataset
-    params0: Params
-    unit_of: torch.Tensor
-    base: torch.Tensor
-
-
-def _retrain_delta(job: _RetrainJob, unit: int) -> tuple[torch.Tensor, float]:
-    """Exact leave-one-out: retrain without `unit`; (n_obj, N_test) deltas and seconds taken."""
-    net = Network(job.cfg.model, job.ds.input_shape, job.ds.num_classes)
-    t0 = time.perf_counter()
-    p = retrain_without(net, job.params0, job.ds.x_train, job.ds.y_train, job.cfg.train, job.unit_of == unit)
-    seconds = time.perf_counter() - t0
-    return _objectives(net, p, job.ds, job.cfg.online.objectives) - job.base, seconds
 
 
 def validate_run(
@@ -91,47 +122,38 @@ def validate_run(
     n_units: int | None,
     seed: int,
     storage_options: dict[str, str],
-    log: Any = None,
+    log: Callable[[str], None] | None = None,
     engine: str = "ray",
     num_cpus: int | None = None,
 ) -> dict[str, Any]:
-    log = log or (lambda m: None)
-    store, manifest, cfg = load_complete_run(out, storage_options)
+    """Score `n_units` seeded units of the complete run in `out` (all when None) against exact
+    retraining, with the gradient-ascent peer beside DDM; writes and returns validation.json."""
+    log = log or _log.info
+    run = open_run(out, storage_options)
+    cfg, store, manifest = run_config(run), run.store, run.manifest
     ds = load_dataset(cfg.data, storage_options)
     state = store.read_torch(RunStore.MODEL)
     net = Network(cfg.model, ds.input_shape, ds.num_classes)
-    params0, final, unit_of = state["params0"], state["checkpoints"][-1], state["unit_of"]
-    total_units = int(state["unit_label"].numel())
-    if n_units is None or n_units >= total_units:
-        units = list(range(total_units))
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        units = sorted(torch.randperm(total_units, generator=gen)[:n_units].tolist())
+    traj = Trajectory(state["checkpoints"], int(state["steps_per_epoch"]), state.get("velocities"))
+    unit_of, unit_label = state["unit_of"], state["unit_label"]
+    units = sample_units(int(unit_label.numel()), n_units, seed)
     names = cfg.online.objectives
-    base = _objectives(net, final, ds, names)
+    base = base_objectives(net, traj.final, ds.x_test, ds.y_test, names)
     log(f"retraining {len(units)} units exactly ({engine} engine)")
-    shared = _RetrainJob(cfg, ds, params0, unit_of, base)
+    job = RetrainJob(cfg, ds.input_shape, ds.num_classes, state["params0"], ds.x_train, ds.y_train, ds.x_test)
+    keeps = torch.stack([unit_of != u for u in units])
     with FanOut(engine, num_cpus) as fan:
-        results = fan.map(_retrain_delta, shared, units)
-    exact = [r[0] for r in results]
-    t_retrain = sum(r[1] for r in results)
-    ga = []
-    t_ga = 0.0
-    for u in units:
-        idx = unit_of == u
-        t0 = time.perf_counter()
-        pg = gradient_ascent(net, final, ds.x_train[idx], ds.y_train[idx], cfg.train.lr, cfg.train.batch_size)
-        ga.append(_objectives(net, pg, ds, names) - base)
-        t_ga += time.perf_counter() - t0
-    exact_t = torch.stack(exact, 1)  # (n_obj, U, N)
-    ga_t = torch.stack(ga, 1)
-    n_test = ds.x_test.shape[0]
+        logits, t_retrain = retrain_logits(fan, job, keeps, chunk=1, what="validate: exact retraining", unit="units")
+    exact_t = all_objectives(logits, ds.y_test, names) - base[:, None, :]  # (n_obj, U, N)
+    inp = peers.PeerInputs(net, state["params0"], traj, ds.x_train, ds.y_train, unit_of, unit_label, cfg.train,
+                           ds.x_test, ds.y_test, names)
+    ga = peers.gradient_ascent(inp, units)
     per_objective: dict[str, Any] = {}
     for j, name in enumerate(names):
-        ddm = read_rows(store, manifest, units, name, n_test)
+        ddm = read_rows(run, units, name)
         if torch.isnan(ddm).any():
             raise RunStateError(f"{out}: attribution rows missing for some units ({name})")
-        per_objective[name] = {"ddm": _scores(ddm, exact_t[j]), "gradient_ascent": _scores(ga_t[j], exact_t[j])}
+        per_objective[name] = {"ddm": _scores(ddm, exact_t[j]), "gradient_ascent": _scores(ga.deltas[j], exact_t[j])}
     timings = manifest.get("timings_seconds", {})
     n_total = manifest["counts"]["units"]
     online_total = float(timings.get("online", float("nan")))
@@ -152,7 +174,7 @@ def validate_run(
         "per_objective": per_objective,
         "ddm_seconds_per_unit": ddm_s,
         "ddm_offline_seconds_per_unit": offline_s,
-        "gradient_ascent_seconds_per_unit": t_ga / len(units),
+        "gradient_ascent_seconds_per_unit": ga.online_seconds / len(units),
         "retrain_seconds_per_unit": retrain_s,
         "retrain_engine": engine,
         "speedup": retrain_s / ddm_s if ddm_s > 0 else float("inf"),
@@ -162,14 +184,17 @@ def validate_run(
         "end_to_end_speedup": n_total * retrain_s / whole if whole > 0 else float("inf"),
         "exact_delta_loss_std": float(exact_t[0].std()),
     }
-    store.write_json(RunStore.VALIDATION, _finite(report))
+    store.write_json(RunStore.VALIDATION, finite(report))
     return report
 
 
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
+    """obj with every non-finite float (in dicts and lists) replaced by None: valid JSON."""
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not np.isfinite(obj):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
 

@@ -18,6 +18,7 @@ Stages (each timed; `fidelity.json` and `report.md` hold the results):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -32,48 +33,20 @@ from ddm_ray.config import RunConfig
 from ddm_ray.core import peers
 from ddm_ray.core.datamodel import additive_prediction, fit_datamodel, lds, predict, random_masks
 from ddm_ray.core.metrics import agreement, auc, precision_at_k
-from ddm_ray.core.models import Network, Params, flatten
+from ddm_ray.core.models import flatten
 from ddm_ray.core.objectives import all_objectives
 from ddm_ray.core.online import evaluate_units
 from ddm_ray.core.synset import Synset
-from ddm_ray.core.training import retrain_without
 from ddm_ray.data import Dataset, load_dataset
 from ddm_ray.distillation import DistillJob, Shard, distill_shard, distill_synsets
 from ddm_ray.engine.fanout import FanOut
 from ddm_ray.offline import Offline, train_offline
+from ddm_ray.validate import RetrainJob, finite, retrain_logits, sample_units
+
+_log = logging.getLogger(__name__)
 
 
-# ---- retraining (the ground truth), fanned out ------------------------------------------------------
-@dataclass
-class _RetrainJob:
-    cfg: RunConfig
-    input_shape: tuple[int, ...]
-    num_classes: int
-    params0: Params
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-
-
-def _retrain_chunk(job: _RetrainJob, keeps: torch.Tensor) -> torch.Tensor:
-    """keeps (k, N) bool -> test logits (k, N_test, C) of the models retrained without ~keep."""
-    net = Network(job.cfg.model, job.input_shape, job.num_classes)
-    out = []
-    for keep in keeps:
-        p = retrain_without(net, job.params0, job.x_train, job.y_train, job.cfg.train, ~keep)
-        with torch.no_grad():
-            out.append(net.logits(p, job.x_test))
-    return torch.stack(out)
-
-
-def retrain_logits(fan: FanOut, job: _RetrainJob, keeps: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """Exact retraining for every row of keeps (K, N): test logits (K, N_test, C)."""
-    if keeps.shape[0] == 0:
-        return torch.zeros(0, job.x_test.shape[0], job.num_classes)
-    parts = [keeps[i : i + chunk] for i in range(0, keeps.shape[0], chunk)]
-    return torch.cat(fan.map(_retrain_chunk, job, parts))
-
-
+# ---- retraining (the ground truth): `validate.retrain_logits`, fanned out --------------------------
 def _distill_one(job: DistillJob, shard: Shard) -> list[tuple[str, dict[str, torch.Tensor]]]:
     return list(distill_shard(job, shard))
 
@@ -85,7 +58,7 @@ class _Model:
     ds: Dataset
     off: Offline
     inp: peers.PeerInputs
-    job: _RetrainJob
+    job: RetrainJob
     syn: Synset | None = None
     distill_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -97,7 +70,7 @@ def _prepare(cfg: RunConfig, ds: Dataset) -> _Model:
         off.net, off.params0, off.traj, ds.x_train, ds.y_train, off.units.unit_of, off.units.label,
         cfg.train, ds.x_test, ds.y_test, cfg.online.objectives,
     )
-    job = _RetrainJob(cfg, ds.input_shape, ds.num_classes, off.params0, ds.x_train, ds.y_train, ds.x_test)
+    job = RetrainJob(cfg, ds.input_shape, ds.num_classes, off.params0, ds.x_train, ds.y_train, ds.x_test)
     return _Model(cfg, ds, off, inp, job)
 
 
@@ -115,9 +88,9 @@ def _distill(m: _Model, fan: FanOut) -> None:
 def _exact_loo(m: _Model, fan: FanOut, units: list[int]) -> tuple[torch.Tensor, float]:
     keeps = torch.stack([m.off.units.unit_of != u for u in units])
     t0 = time.perf_counter()
-    logits = retrain_logits(fan, m.job, keeps)
+    logits, _ = retrain_logits(fan, m.job, keeps, what="exact leave-one-out", unit="units")
     secs = time.perf_counter() - t0
-    base = peers.base_objectives(m.inp)
+    base = m.inp.base_objectives()
     return all_objectives(logits, m.ds.y_test, m.cfg.online.objectives) - base[:, None, :], secs
 
 
@@ -179,13 +152,6 @@ def _scores(pred: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     return agreement(pred, exact, "per_test")
 
 
-def _unit_sample(n_units: int, want: int | None, seed: int) -> list[int]:
-    if want is None or want >= n_units:
-        return list(range(n_units))
-    gen = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n_units, generator=gen)[:want].tolist())
-
-
 # ---- datamodel mode ------------------------------------------------------------------------------------
 def _ddm_masks(m: _Model, masks: torch.Tensor, obj: int) -> torch.Tensor:
     """DDM outputs f(theta_p, x) for each mask (M, U): fast-learn on the union of the masked synsets."""
@@ -193,7 +159,7 @@ def _ddm_masks(m: _Model, masks: torch.Tensor, obj: int) -> torch.Tensor:
     o = m.cfg.online
     net, final = m.off.net, m.off.traj.final
     union = Synset(torch.arange(masks.shape[0]), m.syn.x, m.syn.label, masks.to(m.syn.weight.dtype) @ m.syn.weight)
-    base = peers.base_objectives(m.inp)[obj]
+    base = m.inp.base_objectives()[obj]
     d = evaluate_units(net, final, union, m.ds.x_test, m.ds.y_test, o.objectives, o.steps, o.lr)
     return d[obj] + base[None, :]
 
@@ -210,10 +176,10 @@ def _datamodel(
     keeps = ~test_masks[:, m.off.units.unit_of]  # (M, N)
     log(f"datamodel: retraining {bench.masks} masks (alpha {bench.alpha})")
     t0 = time.perf_counter()
-    logits = retrain_logits(fan, m.job, keeps)
+    logits, _ = retrain_logits(fan, m.job, keeps, what="datamodel: exact retraining", unit="masks")
     retrain_s = time.perf_counter() - t0
     actual = all_objectives(logits, m.ds.y_test, names)[obj]  # (M, N)
-    base = peers.base_objectives(m.inp)[obj]
+    base = m.inp.base_objectives()[obj]
     res: dict[str, Any] = {"masks": bench.masks, "alpha": bench.alpha, "objective": names[obj],
                            "retrain_seconds_per_mask": retrain_s / max(1, bench.masks), "lds": {}}
     t0 = time.perf_counter()
@@ -325,7 +291,7 @@ def _removal_experiment(
             keeps.append(keep)
             tags.append(("random", f))
     log(f"useless-data removal: {len(keeps)} retrainings")
-    logits = retrain_logits(fan, m.job, torch.stack(keeps))
+    logits, _ = retrain_logits(fan, m.job, torch.stack(keeps), what="removal: retraining")
     acc = (logits.argmax(-1) == m.ds.y_test[None]).float().mean(1)
     with torch.no_grad():
         full = float((m.off.net.logits(m.off.traj.final, m.ds.x_test).argmax(1) == m.ds.y_test).float().mean())
@@ -358,7 +324,7 @@ def run_fidelity(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every stage and write fidelity.json, report.md and PNG plots into the local folder out."""
-    log = log or (lambda msg: None)
+    log = log or _log.info
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -379,7 +345,7 @@ def run_fidelity(
         m = _prepare(cfg, ds)
         stage("train_and_units", t0)
         n_units = m.off.units.num_units
-        units = _unit_sample(n_units, bench.units, bench.seed)
+        units = sample_units(n_units, bench.units, bench.seed)
         result["counts"].update({"units_total": n_units, "units_scored": len(units),
                                  "parameters": int(flatten(m.off.traj.final).numel())})
         log(f"exact leave-one-out retraining of {len(units)} units")
@@ -440,22 +406,12 @@ def run_fidelity(
             from ddm_ray.bench.plots import write_plots
 
             result["plots"] = write_plots(out, m, units, loo, exact, result)
-    result = _finite(result)
+    result = finite(result)
     with open(os.path.join(out, "fidelity.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_report(result))
     return result
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _distill_text(d: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ It writes scaling.json, report.md and scaling.png (cost vs U for DDM and for ret
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,8 @@ import numpy as np
 
 from ddm_ray.bench.config import ScalingConfig
 from ddm_ray.config import DataConfig, ExecConfig, RunConfig, UnitConfig
+
+_log = logging.getLogger(__name__)
 
 
 def synthetic_data(cfg: ScalingConfig, folder: str) -> tuple[str, str]:
@@ -98,7 +101,7 @@ def run_scaling(
     from ddm_ray.engine import run_with_engine
     from ddm_ray.validate import validate_run
 
-    log = log or (lambda msg: None)
+    log = log or _log.info
     train_path, test_path = synthetic_data(bench, os.path.join(out, "data"))
     rows = []
     for u in bench.units:
@@ -111,10 +114,11 @@ def run_scaling(
         run_out = os.path.join(out, f"run-u{u}-{cfg.hash()}")  # a folder per config: never refused
         log(f"U={k * bench.classes}: auditing ({k} clusters per class)")
         with _PeakMemory() as mem:
-            manifest = run_with_engine(cfg, ExecConfig(engine=engine, num_cpus=num_cpus), run_out, log=log)
+            manifest = run_with_engine(cfg, ExecConfig(engine=engine, num_cpus=num_cpus), run_out, log=log,
+                                       progress=True)
         t = manifest["timings_seconds"]
         log(f"U={k * bench.classes}: exact retraining of {bench.validate_units} units")
-        v = validate_run(run_out, bench.validate_units, bench.seed, {}, engine=engine, num_cpus=num_cpus)
+        v = validate_run(run_out, bench.validate_units, bench.seed, {}, log=log, engine=engine, num_cpus=num_cpus)
         n_units = manifest["counts"]["units"]
         offline = float(t.get("train_and_units", 0.0)) + float(t.get("distill", 0.0))
         online = float(t.get("online", 0.0))

@@ -6,10 +6,8 @@ Nothing here imports torch or Ray: `ddm-ray --help` must stay fast.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
-from typing import Any
+from collections.abc import Callable
 
 from ddm_ray.errors import ConfigError
 
@@ -62,19 +60,28 @@ def storage_options_from_args(a: argparse.Namespace) -> dict[str, str]:
     return {**(storage_options_file(path) if path else {}), **given}
 
 
-def _logger(quiet: bool) -> Any:
-    def log(msg: str) -> None:
-        if not quiet:
-            print(f"[ddm-ray {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def setup_logging(quiet: bool) -> None:
+    """Once per command: the `ddm_ray` loggers write `[ddm-ray HH:MM:SS] message` lines to stderr,
+    INFO and up (progress included), or WARNING and up with --quiet."""
+    import logging
 
-    return log
+    from ddm_ray.engine.progress import configure_logging
+
+    configure_logging(logging.WARNING if quiet else logging.INFO)
+
+
+def _logger(quiet: bool) -> Callable[[str], None]:
+    """Configure logging (`setup_logging`) and return the `log(msg)` callable a run takes: an INFO
+    line of the `ddm_ray.cli` logger."""
+    import logging
+
+    setup_logging(quiet)
+    return logging.getLogger("ddm_ray.cli").info
 
 
 def choose_ray_auth(address: str | None) -> None:
-    """Before anything imports Ray (it reads the mode once): a runtime this command starts for
-    itself uses token auth, since Ray 2.60 listens on every interface; joining a cluster keeps
-    auth disabled unless RAY_AUTH_MODE says otherwise."""
-    if "RAY_AUTH_MODE" not in os.environ:
-        os.environ["RAY_AUTH_MODE"] = "disabled" if (address or os.environ.get("RAY_ADDRESS")) else "token"
+    """Before anything imports Ray: RAY_AUTH_MODE as `engine.runtime.choose_ray_auth` decides it
+    (token for a runtime this command starts, disabled when joining a cluster)."""
+    from ddm_ray.engine.runtime import choose_ray_auth as decide
 
-
+    decide(address)

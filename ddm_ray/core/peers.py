@@ -38,6 +38,7 @@ from ddm_ray.config import TrainConfig
 from ddm_ray.core.displacement import unrolled_displacement
 from ddm_ray.core.models import Network, Params, flatten, unflatten
 from ddm_ray.core.objectives import all_objectives, per_sample
+from ddm_ray.core.online import base_objectives
 from ddm_ray.core.training import Trajectory
 
 MODES = ("eval", "linear")
@@ -67,6 +68,11 @@ class PeerInputs:
     def final(self) -> Params:
         return self.traj.final
 
+    def base_objectives(self, params: Params | None = None) -> torch.Tensor:
+        """f(theta, x) for every objective at params (default theta_final): (n_obj, N_test), by
+        `core.online.base_objectives` (the one implementation)."""
+        return base_objectives(self.net, params or self.final, self.x_test, self.y_test, self.objectives)
+
 
 @dataclass
 class PeerResult:
@@ -78,12 +84,6 @@ class PeerResult:
 
 
 # ---- shared pieces --------------------------------------------------------------------------------
-def base_objectives(inp: PeerInputs, params: Params | None = None) -> torch.Tensor:
-    """f(theta, x) for every objective at params (default theta_final): (n_obj, N_test)."""
-    with torch.no_grad():
-        return all_objectives(inp.net.logits(params or inp.final, inp.x_test), inp.y_test, inp.objectives)
-
-
 def unit_gradient_sums(
     net: Network, params: Params, x: torch.Tensor, y: torch.Tensor, unit_of: torch.Tensor,
     units: Sequence[int], chunk: int = 512,
@@ -160,14 +160,14 @@ def linearised_objectives(inp: PeerInputs, disp: torch.Tensor, at: Params | None
     d_margin = (
         disp.to(torch.float32) @ test_jacobian(inp.net, at, inp.x_test, inp.y_test, "margin").T if need_margin else None
     )
-    return _linear_from_margin_and_loss(inp, d_loss, d_margin, base_objectives(inp))
+    return _linear_from_margin_and_loss(inp, d_loss, d_margin, inp.base_objectives())
 
 
 def evaluated_objectives(inp: PeerInputs, disp: torch.Tensor, chunk: int = 32) -> torch.Tensor:
     """Deltas of every objective at theta_final + disp[u] for each row of disp (U, P): (n_obj, U, N)."""
     final = inp.final
     theta = flatten(final)
-    base = base_objectives(inp)
+    base = inp.base_objectives()
 
     def logits_of(pf: torch.Tensor) -> torch.Tensor:
         return inp.net.logits(unflatten(pf, final), inp.x_test)
@@ -214,7 +214,7 @@ def gradient_ascent(
         g = unit_gradient_sums(inp.net, inp.final, inp.x_train, inp.y_train, inp.unit_of, units)
         deltas = evaluated_objectives(inp, lr / b * g)
         return PeerResult(deltas, 0.0, time.perf_counter() - t0)
-    base = base_objectives(inp)
+    base = inp.base_objectives()
     rows = []
     for u in units:
         idx = inp.unit_of == u
@@ -224,7 +224,7 @@ def gradient_ascent(
         for _ in range(steps):
             g = g_fn(p)
             p = {k: p[k] + lr * g[k] for k in p}
-        rows.append(base_objectives(inp, p) - base)
+        rows.append(inp.base_objectives(p) - base)
     return PeerResult(torch.stack(rows, 1).float(), 0.0, time.perf_counter() - t0)
 
 
@@ -248,7 +248,7 @@ def tracin(inp: PeerInputs, units: Sequence[int], checkpoints: Sequence[int] | N
             d_loss += g @ test_jacobian(inp.net, p, inp.x_test, inp.y_test, "loss").T
         if d_margin is not None:
             d_margin += g @ test_jacobian(inp.net, p, inp.x_test, inp.y_test, "margin").T
-    deltas = _linear_from_margin_and_loss(inp, d_loss, d_margin, base_objectives(inp))
+    deltas = _linear_from_margin_and_loss(inp, d_loss, d_margin, inp.base_objectives())
     return PeerResult(deltas, 0.0, time.perf_counter() - t0)
 
 

@@ -61,10 +61,12 @@ def train(
     keep: torch.Tensor | None = None,
     hook: StepHook | None = None,
     start_epoch_hook: int = 0,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> Trajectory:
     """Train from `params0` on x (N, ...), y (N,) with samples where keep (N,) is False removed.
 
-    `hook` is called at every step of epochs >= start_epoch_hook with the pre-update parameters.
+    `hook` is called at every step of epochs >= start_epoch_hook with the pre-update parameters;
+    on_epoch(epochs_done) after every epoch (progress; it sees nothing of the training state).
     """
     n = x.shape[0]
     keep = torch.ones(n, dtype=torch.bool) if keep is None else keep.cpu()
@@ -87,6 +89,8 @@ def train(
         checkpoints.append({k: v.clone() for k, v in params.items()})
         if velocities is not None and velocity is not None:
             velocities.append({k: v.clone() for k, v in velocity.items()})
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     return Trajectory(checkpoints=checkpoints, steps_per_epoch=len(schedule[0]), velocities=velocities)
 
 

@@ -26,7 +26,7 @@ def _progress_factory(enabled: bool) -> Any:
         return None
     from ddm_ray.engine.progress import Progress
 
-    return lambda total, done: Progress(total, done)
+    return lambda total, done: Progress(total, done, what="online", unit="rows")
 
 
 def run_with_engine(
@@ -36,7 +36,9 @@ def run_with_engine(
 
     address: a Ray cluster to join; default RAY_ADDRESS when set (as inside `ray job submit`),
     else a fresh local runtime is started for this run and stopped afterwards (`engine.runtime`).
-    progress: show online progress (a bar on a terminal, log lines otherwise).
+    progress: show online progress (a bar on a terminal, log lines otherwise). Every stage reports
+    progress through the `ddm_ray` loggers (`engine.progress`), silent unless logging is configured
+    for INFO (the CLI does; --quiet does not).
     """
     from ddm_ray.pipeline import Run
 
@@ -50,13 +52,12 @@ def run_with_engine(
 
     from ddm_ray.engine.placement import plan_placement
     from ddm_ray.engine.ray_executor import RayExecutor
-    from ddm_ray.engine.runtime import start_or_join
+    from ddm_ray.engine.runtime import ray_runtime
     from ddm_ray.store.fs import with_env_options
 
     # workers do not share the driver's environment: its S3 settings travel with the job
     exe = dataclasses.replace(exe, storage_options=with_env_options(out, exe.storage_options))
-    started = start_or_join(address, exe.num_cpus, log, exe.connect_timeout_s, local_niceness_zero=True)
-    try:
+    with ray_runtime(address, exe.num_cpus, log, exe.connect_timeout_s, local_niceness_zero=True):
         res = ray.cluster_resources()
         placement = plan_placement(exe.device, res.get("GPU", 0), res.get("CPU", 1))
         slots = placement.actors if placement.task_gpus else max(1, int(res.get("CPU", 1)))
@@ -71,6 +72,3 @@ def run_with_engine(
             raise EngineError(f"Ray execution failed ({brief(e)}); rerun with --resume to finish") from None
         finally:
             executor.release()
-    finally:
-        if started:
-            ray.shutdown()

@@ -1,14 +1,33 @@
-"""Progress of the online stage: a one-line bar on a terminal, periodic log lines otherwise.
+"""What a run shows while it works: log lines through the `ddm_ray` logger and progress of the
+long stages (training epochs, distillation, online rows, exact retrainings).
 
-`ray job logs` captures the driver's stderr, which is not a terminal, so jobs get log lines.
+* Log lines: every module logs to `logging.getLogger(__name__)` (the `ddm_ray` hierarchy). Nothing
+  is printed until someone configures it: the CLI and jobs/ call `configure_logging` once
+  (stderr, `[ddm-ray HH:MM:SS] message`, INFO, or WARNING with --quiet); a library user configures
+  `logging` as they like. Ray workers get the same configuration from `configure_worker_logging`,
+  and Ray forwards their stderr to the driver, prefixed with the actor or task name.
+* Progress: `Progress(what, total, unit=...)` counts work done. On a terminal (stderr is a TTY) it
+  redraws one bar line; otherwise it logs a line with rate and ETA at most every `interval_s`
+  seconds, plus the final one. `ray job logs` captures the driver's stderr, which is not a
+  terminal, so jobs get log lines. A Progress whose logger is not enabled for INFO is silent, so
+  progress never costs anything in quiet or unconfigured runs, and it never changes results.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
+
+ROOT = "ddm_ray"
+FORMAT = "[ddm-ray %(asctime)s] %(message)s"
+DATEFMT = "%H:%M:%S"
+DEFAULT_INTERVAL_S = 5.0
+
+_log = logging.getLogger(__name__)
+_bar: Progress | None = None  # the bar drawn on the terminal now, if any
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -20,60 +39,161 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-class Progress:
-    """Counts rows of the online stage; rows/s and ETA are over rows computed in this session.
+def _fmt_rate(rate: float) -> str:
+    return f"{rate:.1f}" if rate >= 1 else f"{rate:.2g}"
 
-    total: rows the run has in all; done: rows already present (a resumed run).
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record arrives (pytest and Ray swap it), and
+    clears and redraws a progress bar around the record so that the two never share a line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        bar = _bar
+        if bar is not None and bar.stream is sys.stderr:
+            sys.stderr.write("\r\x1b[K")
+        super().emit(record)
+        if bar is not None and bar.stream is sys.stderr:
+            bar.draw()
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The `ddm_ray` logger writes `[ddm-ray HH:MM:SS] message` lines to stderr at `level` (and
+    above). Idempotent: a second call replaces the first's handler and level."""
+    logger = logging.getLogger(ROOT)
+    for h in list(logger.handlers):
+        if isinstance(h, _StderrHandler):
+            logger.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def logging_level() -> int:
+    """The driver's effective level for `ddm_ray` (shipped to Ray workers with their work)."""
+    return logging.getLogger(ROOT).getEffectiveLevel()
+
+
+def configure_worker_logging(level: int) -> None:
+    """In a Ray worker: log as the driver does (Ray forwards the worker's stderr to the driver).
+    Does nothing when the driver is quiet or when this process is already configured."""
+    logger = logging.getLogger(ROOT)
+    if level > logging.INFO or any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        return
+    configure_logging(level)
+
+
+class Progress:
+    """Counts work of one stage; rate and ETA are over the work done in this session.
+
+    what: the stage's name at the start of every line; total: units of work in all; done: units
+    already done before (a resumed run); unit: the work's name (plural), e.g. "epochs".
+    logger: where log lines go (default `ddm_ray.engine.progress`); stream: where the terminal bar
+    goes (default stderr); tty: draw a bar instead of log lines (default: stream is a terminal).
+    enabled: default whether logger is enabled for INFO (quiet and unconfigured runs show nothing).
     """
 
     def __init__(
         self,
         total: int,
         done: int = 0,
+        what: str = "online",
+        unit: str = "rows",
+        logger: logging.Logger | None = None,
         stream: TextIO | None = None,
-        interval_s: float = 10.0,
+        interval_s: float = DEFAULT_INTERVAL_S,
         tty: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
+        enabled: bool | None = None,
     ) -> None:
-        self.total, self.done = total, done
+        self.total, self.done, self.what, self.unit = total, done, what, unit
+        self.logger = logger or _log
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.interval_s = interval_s if not self.tty else 0.2
+        self.enabled = self.logger.isEnabledFor(logging.INFO) if enabled is None else enabled
+        self.tty = _isatty(self.stream) if tty is None else tty
+        self.interval_s = 0.2 if self.tty else interval_s
         self.clock = clock
         self.t0 = clock()
-        self.session_rows = 0
+        self.session = 0
         self._last = -float("inf")
+        self._closed = False
 
     def rate(self) -> float:
         dt = self.clock() - self.t0
-        return self.session_rows / dt if dt > 0 else 0.0
+        return self.session / dt if dt > 0 else 0.0
 
     def line(self) -> str:
         r = self.rate()
-        left = self.total - self.done
-        eta = left / r if r > 0 else float("inf")
+        left = max(0, self.total - self.done)
+        eta = left / r if r > 0 else (0.0 if left == 0 else float("inf"))
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"online: {self.done}/{self.total} rows ({pct:.0f}%), {r:.1f} rows/s, ETA {_fmt_eta(eta)}"
+        return (f"{self.what}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), "
+                f"{_fmt_rate(r)} {self.unit}/s, ETA {_fmt_eta(eta)}")
 
-    def update(self, rows: int) -> None:
-        self.done += rows
-        self.session_rows += rows
+    def update(self, n: int = 1) -> None:
+        """n more units of work are done."""
+        self.done += n
+        self.session += n
+        if not self.enabled:
+            return
         now = self.clock()
         if now - self._last >= self.interval_s or self.done >= self.total:
             self._last = now
             self._emit()
 
+    def set(self, done: int) -> None:
+        """`done` units of work are done in all (for callbacks that report a running count)."""
+        self.update(done - self.done)
+
     def _emit(self) -> None:
-        if self.tty:
-            width = 24
-            filled = int(width * self.done / self.total) if self.total else width
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.line()}\x1b[K")
-        else:
-            self.stream.write(f"[ddm-ray {time.strftime('%H:%M:%S')}] {self.line()}\n")
+        global _bar
+        if not self.tty:
+            self.logger.info(self.line())
+            return
+        _bar = self
+        self.draw()
+
+    def draw(self) -> None:
+        """Redraw the bar line on the terminal."""
+        width = 24
+        filled = min(width, int(width * self.done / self.total)) if self.total else width
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.line()}\x1b[K")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
-            self._emit()
+        """End of the stage: a terminal bar is finished with a newline."""
+        global _bar
+        if self._closed:
+            return
+        self._closed = True
+        if self.enabled and self.tty:
+            self.draw()
             self.stream.write("\n")
             self.stream.flush()
+        if _bar is self:
+            _bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or not a file
+        return False

@@ -12,11 +12,17 @@ importing torch and this package while the driver trains and the actors distil; 
 resources and hold their workers until the online stage opens the gate (Ray reaps idle workers
 beyond one per CPU while the actors run). Each worker builds the job's shared state (network,
 weights, test data, base objectives) once and reuses it for every block it runs.
+
+Progress: the driver counts finished distillation pieces and online blocks itself; work inside an
+actor or a GPU `call` task (a shard's epochs, training, calibration retrainings) logs its own
+progress on that worker with the driver's logging level, and Ray forwards the worker's stderr to
+the driver (prefixed with the actor or task name).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -28,6 +34,7 @@ import torch
 from ddm_ray.distillation import DistillJob, Shard, distill_shard
 from ddm_ray.engine import faults
 from ddm_ray.engine.placement import Placement
+from ddm_ray.engine.progress import configure_worker_logging, logging_level
 from ddm_ray.online_stage import Block, OnlineContext, OnlineJob, online_context, run_block
 
 TASK_MAX_RETRIES = 3
@@ -64,8 +71,9 @@ class ShardDistiller:
 class DistillActor(ShardDistiller):
     """The actor: ShardDistiller plus what only Ray knows."""
 
-    def start(self, job: DistillJob, shard: Shard, threads: int = 1) -> None:
+    def start(self, job: DistillJob, shard: Shard, threads: int = 1, log_level: int = logging.WARNING) -> None:
         faults.before_shard(shard.key)  # test-only hook, inert in normal runs
+        configure_worker_logging(log_level)  # the shard's progress reaches the driver's stderr
         super().start(job, shard, threads)
 
     def gpu_ids(self) -> list[Any]:
@@ -97,8 +105,10 @@ def online_block_task(job_box: list[ray.ObjectRef], block: Block, weight: torch.
     return run_block(job, block, weight, ctx)
 
 
-def _gpu_call(fn: Callable[..., Any], device: str, *args: Any) -> tuple[Any, list[Any]]:
-    """A `call` as a Ray task on a GPU worker; also says which GPUs it held."""
+def _gpu_call(fn: Callable[..., Any], device: str, log_level: int, *args: Any) -> tuple[Any, list[Any]]:
+    """A `call` as a Ray task on a GPU worker; also says which GPUs it held. Progress of the work
+    (training epochs, calibration retrainings) is logged on the worker, whose stderr Ray forwards."""
+    configure_worker_logging(log_level)
     return fn(*args, device=device), list(ray.get_gpu_ids())
 
 
@@ -203,7 +213,7 @@ class RayExecutor:
             a death in start surfaces there, where the loop below restarts the shard)."""
             actors[i] = actor_cls.remote(p.device)
             gpu_ids[i] = ray.get(actors[i].gpu_ids.remote())
-            actors[i].start.remote(job_ref, shards[i], self._threads())
+            actors[i].start.remote(job_ref, shards[i], self._threads(), logging_level())
             return actors[i].next.remote()
 
         try:
@@ -260,7 +270,7 @@ class RayExecutor:
         if not p.actor_gpus:
             return fn(*args, device=p.device)
         task = ray.remote(num_cpus=1, num_gpus=p.actor_gpus, max_retries=TASK_MAX_RETRIES)(_gpu_call)
-        result, gpu_ids = ray.get(task.remote(fn, p.device, *args))
+        result, gpu_ids = ray.get(task.remote(fn, p.device, logging_level(), *args))
         self.call_gpu_ids.append(gpu_ids)
         return result
 

@@ -5,20 +5,26 @@
   address fails with one line instead of hanging.
 * No address: start a fresh local runtime for this run only (`address="local"`), never whatever
   `ray start` left registered in Ray's temp folder, and stop it afterwards.
+
+`choose_ray_auth` is the one place that decides RAY_AUTH_MODE; `ray_runtime` is the one way a run,
+`ddm-ray validate` and the benchmarks start (or join) Ray and stop what they started.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 from ddm_ray.errors import DDMError
 
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024 * 1024
+_log = logging.getLogger(__name__)
 
 
 class ClusterError(DDMError):
@@ -55,6 +61,19 @@ def check_reachable(address: str, timeout_s: float) -> None:
         ) from None
 
 
+def choose_ray_auth(address: str | None = None) -> str:
+    """Decide RAY_AUTH_MODE (unless the user set it) and return it; call before Ray is imported,
+    which reads it once. Ray 2.60 binds the local runtime it starts to every interface (it resolves
+    127.0.0.1 to the node's address), so a runtime this process starts for itself gets token auth;
+    a cluster it joins (an address given, or RAY_ADDRESS as inside `ray job submit`) keeps auth
+    disabled unless the user says otherwise, and so does a process that imported Ray already (too
+    late to choose). The CLI and jobs/ call it first thing; `start_or_join` calls it again."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        joining = cluster_address(address) is not None
+        os.environ["RAY_AUTH_MODE"] = "disabled" if joining or "ray" in sys.modules else "token"
+    return os.environ["RAY_AUTH_MODE"]
+
+
 def start_or_join(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -63,18 +82,12 @@ def start_or_join(
     local_niceness_zero: bool = False,
 ) -> bool:
     """Make sure this process is connected to Ray; returns True if it started a local runtime
-    (which the caller then shuts down)."""
-    # Ray reads its auth mode once, at import. Ray 2.60 binds its local runtime to every interface
-    # (it resolves 127.0.0.1 to the node's address), so a runtime we start gets token auth unless
-    # the user chose a mode or Ray was imported before we could choose; a cluster we join keeps
-    # the mode it was started with (disabled unless the user says so). `cli.choose_ray_auth` makes
-    # the same choice before any import.
+    (which the caller then shuts down: `ray_runtime` does both)."""
     target = cluster_address(address)
-    imported = "ray" in sys.modules
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled" if (target or imported) else "token")
+    choose_ray_auth(address)
     import ray
 
-    log = log or (lambda msg: None)
+    log = log or _log.info
     if ray.is_initialized():
         return False
     try:
@@ -102,3 +115,24 @@ def start_or_join(
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClusterError(f"cannot start or reach Ray ({target or 'local'}): {first}") from None
+
+
+@contextlib.contextmanager
+def ray_runtime(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    log: Callable[[str], None] | None = None,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    local_niceness_zero: bool = False,
+) -> Iterator[bool]:
+    """Connected to Ray inside the block (`start_or_join`); a local runtime started here is stopped
+    on the way out, a cluster joined or a runtime already running is left as it was. Yields
+    whether it started one."""
+    started = start_or_join(address, num_cpus, log, connect_timeout_s, local_niceness_zero)
+    try:
+        yield started
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

@@ -38,7 +38,7 @@ def tiny():
     label = torch.arange(c).repeat_interleave(2)
     inp = peers.PeerInputs(net, p0, traj, x, y, unit_of, label, cfg, x_test, y_test, NAMES)
     units = [0, 1, 2, 3, 4, 5]
-    base = peers.base_objectives(inp)
+    base = inp.base_objectives()
     exact = torch.stack(
         [all_objectives(net.logits(train(net, p0, x, y, cfg, keep=unit_of != u).final, x_test), y_test, NAMES) - base
          for u in units], 1,

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY = ["--epochs", "3", "--distill-steps", "20", "--max-train", "300", "--clusters-per-class", "2",

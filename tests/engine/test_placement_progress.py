@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import logging
+import re
 
 import pytest
 
 from ddm_ray.config import DistillConfig, OnlineConfig, RunConfig
 from ddm_ray.distillation import plan_shards, split_range, unrolled_solver
 from ddm_ray.engine.placement import plan_placement
-from ddm_ray.engine.progress import Progress
+from ddm_ray.engine.progress import Progress, configure_logging
 from ddm_ray.errors import ConfigError
 
 
@@ -54,27 +56,77 @@ def test_shards_use_any_number_of_workers_and_follow_the_solver():
     assert [(s.kind, s.lo, s.hi) for s in plan_shards(paper, 80, 10, 0, 4)][0][0] == "classes"
 
 
+def _capture(name: str) -> tuple[logging.Logger, list[str]]:
+    lines: list[str] = []
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger.addHandler(Keep())
+    return logger, lines
+
+
 def test_progress_log_lines_when_not_a_terminal() -> None:
     t = [0.0]
-    out = io.StringIO()
-    p = Progress(total=100, done=20, stream=out, interval_s=10, tty=False, clock=lambda: t[0])
+    logger, lines = _capture("ddm_ray.test.progress_lines")
+    p = Progress(total=100, done=20, logger=logger, interval_s=10, tty=False, clock=lambda: t[0])
     t[0] = 5.0
-    p.update(10)  # first update always prints
+    p.update(10)  # first update always logs
     t[0] = 6.0
     p.update(10)  # within the interval: silent
     t[0] = 20.0
-    p.update(60)  # complete: prints
+    p.update(60)  # complete: logs
     p.close()
-    lines = out.getvalue().splitlines()
     assert len(lines) == 2
-    assert "30/100 rows (30%)" in lines[0] and "2.0 rows/s" in lines[0] and "ETA 00:35" in lines[0]
+    assert lines[0].startswith("online: ") and "30/100 rows (30%)" in lines[0]
+    assert "2.0 rows/s" in lines[0] and "ETA 00:35" in lines[0]
     assert "100/100 rows (100%)" in lines[1] and "ETA 00:00" in lines[1]
+
+
+def test_progress_names_the_stage_and_its_unit_and_slow_rates() -> None:
+    t = [0.0]
+    logger, lines = _capture("ddm_ray.test.progress_units")
+    with Progress(30, what="train", unit="epochs", logger=logger, tty=False, clock=lambda: t[0]) as p:
+        t[0] = 10.0
+        p.set(1)
+    assert lines == ["train: 1/30 epochs (3%), 0.1 epochs/s, ETA 04:50"]
+
+
+def test_progress_is_silent_when_its_logger_is_not_enabled() -> None:
+    logger, lines = _capture("ddm_ray.test.progress_quiet")
+    logger.setLevel(logging.WARNING)
+    out = io.StringIO()
+    for tty in (False, True):
+        with Progress(5, logger=logger, stream=out, tty=tty) as p:
+            p.update(5)
+    assert lines == [] and out.getvalue() == ""
 
 
 def test_progress_bar_on_a_terminal_redraws_one_line() -> None:
     out = io.StringIO()
-    p = Progress(total=10, stream=out, tty=True, clock=iter([0.0, 1.0, 2.0, 3.0]).__next__)
+    logger, lines = _capture("ddm_ray.test.progress_bar")
+    p = Progress(total=10, logger=logger, stream=out, tty=True, clock=iter([0.0, 1.0, 2.0, 3.0, 4.0]).__next__)
     p.update(5)
     p.close()
     text = out.getvalue()
-    assert text.startswith("\r[") and text.endswith("\n") and "5/10 rows" in text
+    assert text.startswith("\r[") and text.endswith("\n") and "5/10 rows" in text and lines == []
+
+
+def test_log_lines_go_to_stderr_in_the_run_format(capsys) -> None:
+    configure_logging(logging.INFO)
+    try:
+        logging.getLogger("ddm_ray.test.format").info("hello")
+        configure_logging(logging.INFO)  # a second call replaces the handler: still one line
+        logging.getLogger("ddm_ray.test.format").info("again")
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 2 and re.fullmatch(r"\[ddm-ray \d\d:\d\d:\d\d\] hello", err[0])
+        configure_logging(logging.WARNING)  # --quiet
+        logging.getLogger("ddm_ray.test.format").info("hidden")
+        assert capsys.readouterr().err == ""
+    finally:
+        configure_logging(logging.WARNING)
