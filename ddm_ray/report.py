@@ -346,7 +346,9 @@ def _fidelity(v: dict[str, Any] | None) -> str:
     head = (f"<p>{_e(v.get('units_validated', '?'))} of {_e(v.get('units_total', '?'))} units retrained exactly; "
             f"speed-up per unit {_e(_fmt(v.get('speedup', '?')))}x, end to end {_e(_fmt(v.get('end_to_end_speedup', '?')))}x.</p>")
     rows = []
-    for name, methods in (v.get("per_objective") or {}).items():
+    per_objective = v.get("per_objective") or {}
+    names = sorted(per_objective, key=lambda n: (("loss", "margin", "correct") + (n,)).index(n))
+    for name, methods in ((n, per_objective[n]) for n in names):
         for method, s in (methods or {}).items():
             rows.append([_e(name), _e(method), *(_e(_fmt(s.get(k, ""))) for k in
                          ("pearson", "spearman", "pearson_per_test_mean", "spearman_per_test_mean"))])
