@@ -157,6 +157,39 @@ def test_report_without_the_data_still_renders(tabular_run, tmp_path):
     assert 'id="tests"' in page and 'data-unit-id="' in page and (copy / "report" / "effects.png").is_file()
 
 
+@pytest.fixture
+def s3_run(tabular_run, monkeypatch):
+    """The tabular run copied into a moto S3 bucket: (s3 URL, storage options)."""
+    pytest.importorskip("moto")
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    opts = {"endpoint_url": f"http://{host}:{port}"}
+    fs = fsspec.filesystem("s3", **opts)
+    fs.mkdir("ddm")
+    fs.put(tabular_run, "ddm/run", recursive=True)
+    yield "s3://ddm/run", opts
+    server.stop()
+
+
+def test_report_of_an_object_store_run_needs_a_local_folder(s3_run, tmp_path, capsys):
+    url, opts = s3_run
+    options = [f"--storage-option=endpoint_url={opts['endpoint_url']}"]
+    assert main(["report", url, *options, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give --report-out DIR" in err
+    assert main(["report", url, *options, "--report-out", str(tmp_path / "rep"), "--max-tests", "2", "--quiet"]) == 0
+    page = _page(str(tmp_path / "rep" / "index.html"))
+    assert len(re.findall(r'class="test[^"]*" id="test-', page)) == 2 and "s3://ddm/run" in page
+    assert len(_check_pngs(page, tmp_path / "rep")) == len(_imgs(page)) > 2
+
+
 def test_report_one_line_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
