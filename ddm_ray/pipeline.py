@@ -123,6 +123,7 @@ class Run:
         self.manifest: dict[str, Any] = {}
         self.online_batch: int | None = exe.online_batch
         self.fingerprint: str | None = None
+        self.data_info: dict[str, Any] = {}  # input shape and the classes as the data names them
         self.distillation: dict[str, Any] = {}
         self.part_records: dict[str, Any] = {}  # part name -> rows, sha256, bytes (once complete)
 
@@ -137,6 +138,7 @@ class Run:
             "config": self.cfg.to_dict(),
             "config_hash": self.cfg.hash(),
             "data_fingerprint": self.fingerprint,
+            "data": self.data_info,
             "versions": versions(),
             "timings_seconds": self.timings,
             "counts": counts,
@@ -249,6 +251,11 @@ class Run:
         resume = self.exe.resume and previous is not None
         dataset = self._load()
         self.fingerprint = data_fingerprint(dataset)
+        self.data_info = {
+            "input_shape": list(dataset.input_shape),
+            "labels": list(dataset.classes),
+            "label_names": [dataset.name_of(c) for c in range(dataset.num_classes)],
+        }
         if resume and previous is not None and previous.get("data_fingerprint") not in (None, self.fingerprint):
             raise RunStateError(
                 f"{self.store.url}: the data changed since this run started (fingerprint "
