@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ddm_ray.config import opt
 from ddm_ray.errors import ConfigError
 
 PEER_NAMES = (
@@ -16,23 +17,25 @@ PEER_NAMES = (
 class BenchConfig:
     """What the benchmark measures and how much work it does (the RunConfig fixes the model)."""
 
-    units: int | None = field(default=None, metadata={"help": "score N units (seeded sample; default all)"})
-    masks: int = field(default=50, metadata={"help": "retrained removal masks for LDS"})
-    fit_masks: int = field(default=200, metadata={"help": "DDM masks for the ridge datamodel fit"})
-    alpha: float = field(default=0.1, metadata={"help": "probability that a mask removes a unit"})
-    ridge: float = 1e-3
-    peers: tuple[str, ...] = PEER_NAMES
-    ga_steps: int = 1
-    if_damping: float = 0.05
-    if_curvature: str = field(default="abs", metadata={"help": "abs (|eigenvalues| + damping) | damped (H + damping I)"})
-    if_max_exact: int = 20_000
-    skip_quality: bool = False
-    noise_fraction: float = 0.1
-    noise_kind: str = field(default="pair", metadata={"help": "pair (y -> y+1 mod C) | uniform (any other class)"})
-    quality_peers: tuple[str, ...] = ("class_indicator", "gradient_ascent", "tracin", "unrolled_linear")
-    remove_fractions: tuple[float, ...] = (0.01, 0.1, 0.2, 0.5)
-    random_repeats: int = 3
-    seed: int = 0
+    units: int | None = opt(None, "score N units (seeded sample; default all)")
+    masks: int = opt(50, "retrained removal masks for LDS (0: skip)")
+    fit_masks: int = opt(200, "DDM masks for the ridge datamodel fit")
+    alpha: float = opt(0.1, "probability that a mask removes a unit")
+    ridge: float = opt(1e-3, "ridge of the datamodel fit")
+    peers: tuple[str, ...] = opt(PEER_NAMES, "peer methods to score")
+    ga_steps: int = opt(1, "gradient-ascent steps")
+    if_damping: float = opt(0.05, "influence peers: damping")
+    if_curvature: str = opt("abs", "influence peers: abs (|eigenvalues| + damping) | damped (H + damping I)",
+                            choices=("abs", "damped"))
+    if_max_exact: int = opt(20_000, "influence peers: largest parameter count for the exact Hessian")
+    skip_quality: bool = opt(False, "skip the label-noise and data-removal experiments")
+    noise_fraction: float = opt(0.1, "fraction of training labels flipped")
+    noise_kind: str = opt("pair", "pair (y -> y+1 mod C) | uniform (any other class)", choices=("pair", "uniform"))
+    quality_peers: tuple[str, ...] = opt(("class_indicator", "gradient_ascent", "tracin", "unrolled_linear"),
+                                         "peers ranked on noisy data")
+    remove_fractions: tuple[float, ...] = opt((0.01, 0.1, 0.2, 0.5), "fractions of units removed")
+    random_repeats: int = opt(3, "random removals per fraction")
+    seed: int = opt(0, "seed of the unit sample, masks and noise", flag="bench-seed")
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -60,13 +63,13 @@ class BenchConfig:
 class ScalingConfig:
     """What the scaling benchmark runs (the RunConfig's data section is replaced by the synthetic set)."""
 
-    units: tuple[int, ...] = field(default=(100, 300, 1000), metadata={"help": "unit counts U"})
-    train: int = field(default=10_000, metadata={"help": "synthetic training samples"})
-    test: int = field(default=2_000, metadata={"help": "synthetic test samples"})
-    features: int = field(default=256, metadata={"help": "synthetic input features"})
-    classes: int = field(default=10, metadata={"help": "synthetic classes"})
-    validate_units: int = field(default=20, metadata={"help": "units retrained exactly per U"})
-    seed: int = 0
+    units: tuple[int, ...] = opt((100, 300, 1000), "unit counts U", flag="unit-counts")
+    train: int = opt(10_000, "synthetic training samples", flag="synthetic-train")
+    test: int = opt(2_000, "synthetic test samples", flag="synthetic-test")
+    features: int = opt(256, "synthetic input features", flag="synthetic-features")
+    classes: int = opt(10, "synthetic classes", flag="synthetic-classes")
+    validate_units: int = opt(20, "units retrained exactly per U")
+    seed: int = opt(0, "", flag="")  # the run's --seed
 
     def __post_init__(self) -> None:
         if not self.units or min(self.units) < self.classes:

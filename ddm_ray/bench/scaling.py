@@ -109,7 +109,7 @@ def run_scaling(
         cfg = replace(
             base,
             data=DataConfig(dataset="parquet", train=train_path, test=test_path),
-            units=replace(base.units, clusters_per_class=k) if isinstance(base.units, UnitConfig) else base.units,
+            units=replace(base.units, clusters_per_class=k, min_size=1) if isinstance(base.units, UnitConfig) else base.units,
         )
         run_out = os.path.join(out, f"run-u{u}-{cfg.hash()}")  # a folder per config: never refused
         log(f"U={k * bench.classes}: auditing ({k} clusters per class)")

@@ -57,16 +57,18 @@ def _kind(annotation: str) -> tuple[str, bool]:
     optional = text.endswith("|None")
     base = text[: -len("|None")] if optional else text
     kinds = {"str": "str", "int": "int", "float": "float", "bool": "bool", "tuple[int,...]": "ints",
-             "tuple[int,int]": "ints", "tuple[str,...]": "strs", "dict[str,str]": "dict"}
+             "tuple[int,int]": "ints", "tuple[str,...]": "strs", "tuple[float,...]": "floats",
+             "dict[str,str]": "dict"}
     if base not in kinds:  # pragma: no cover - a new field type needs a parser here
         raise TypeError(f"no CLI parser for {annotation}")
     return kinds[base], optional
 
 
-def options() -> list[Option]:
-    """Every generated option, in section order; fields sharing a flag share one option."""
+def options(sections: Mapping[str, type] | None = None) -> list[Option]:
+    """Every generated option of `sections` (default: the run's), in section order; fields
+    sharing a flag share one option."""
     by_flag: dict[str, Option] = {}
-    for section, klass in SECTIONS.items():
+    for section, klass in (SECTIONS if sections is None else sections).items():
         defaults = klass()
         for f in dataclasses.fields(klass):
             flag = f.metadata.get("flag")
@@ -101,8 +103,11 @@ def parse_value(opt: Option, text: str) -> Any:
             return dims
         if opt.kind == "strs":
             return tuple(t.strip() for t in text.split(",") if t.strip())
+        if opt.kind == "floats":
+            return tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
-        want = {"int": "an integer", "float": "a number", "ints": "positive integers like 1,28,28"}[opt.kind]
+        want = {"int": "an integer", "float": "a number", "ints": "positive integers like 1,28,28",
+                "floats": "numbers like 0.1,0.5"}[opt.kind]
         raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
     if opt.choices and text not in opt.choices:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(opt.choices)}")
@@ -115,17 +120,18 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def add_options(p: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
-    """Add the generated flags of `sections` to p, grouped by section. Defaults are shown in the
-    help but not stored: the namespace holds only the flags given (so a --config file can sit
-    underneath them)."""
+def add_options(
+    p: argparse.ArgumentParser, sections: Mapping[str, type] | None = None, titles: Mapping[str, str] | None = None
+) -> None:
+    """Add the generated flags of `sections` (default: the run's) to p, grouped by section.
+    Defaults are shown in the help but not stored: the namespace holds only the flags given (so a
+    --config file can sit underneath them)."""
     groups: dict[str, Any] = {}
-    for o in options():
+    titles = TITLES if titles is None else titles
+    for o in options(sections):
         section = o.targets[0][0]
-        if section not in sections:
-            continue
         if section not in groups:
-            groups[section] = p.add_argument_group(TITLES[section])
+            groups[section] = p.add_argument_group(titles.get(section, section))
         g = groups[section]
         text = f"{o.help} (default: {_show(o.default)})" if o.help else f"(default: {_show(o.default)})"
         if o.choices:
@@ -227,6 +233,17 @@ def build_configs(
     return cfg, ExecConfig(**values["exec"])
 
 
-def given_options(a: argparse.Namespace) -> dict[str, Any]:
+def given_options(a: argparse.Namespace, sections: Mapping[str, type] | None = None) -> dict[str, Any]:
     """The generated options present in a parsed namespace (flags the user gave)."""
-    return {o.dest: getattr(a, o.dest) for o in options() if hasattr(a, o.dest)}
+    return {o.dest: getattr(a, o.dest) for o in options(sections) if hasattr(a, o.dest)}
+
+
+def dataclass_from_args(klass: type, a: argparse.Namespace, **fixed: Any) -> Any:
+    """An instance of a dataclass whose flags were added by `add_options({name: klass})`: the
+    flags given over the defaults, then `fixed` (values other options decide)."""
+    values: dict[str, Any] = {}
+    for o in options({"_": klass}):
+        if hasattr(a, o.dest):
+            for _section, name in o.targets:
+                values[name] = getattr(a, o.dest)
+    return klass(**{**values, **fixed})
