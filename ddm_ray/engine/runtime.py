@@ -71,7 +71,16 @@ def choose_ray_auth(address: str | None = None) -> str:
     if "RAY_AUTH_MODE" not in os.environ:
         joining = cluster_address(address) is not None
         os.environ["RAY_AUTH_MODE"] = "disabled" if joining or "ray" in sys.modules else "token"
+    _forwarded_logs_env()
     return os.environ["RAY_AUTH_MODE"]
+
+
+def _forwarded_logs_env() -> None:
+    """How the driver prints what workers log (progress of shards and GPU tasks): Ray must not
+    merge ddm-ray's lines as repeats (read at import), nor colour them when stderr is no terminal."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"\[ddm-ray ")
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def start_or_join(

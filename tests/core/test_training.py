@@ -43,3 +43,12 @@ def test_init_is_seeded():
     a, b, c = net.init_params(1), net.init_params(1), net.init_params(2)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["head.weight"], c["head.weight"])
+
+
+def test_on_epoch_hears_every_epoch_and_changes_nothing():
+    net, x, y, cfg = _setup(0.9, 1e-3)
+    seen: list[int] = []
+    a = train(net, net.init_params(cfg.seed), x, y, cfg, on_epoch=seen.append)
+    b = train(net, net.init_params(cfg.seed), x, y, cfg)
+    assert seen == list(range(1, cfg.epochs + 1))
+    assert all(torch.equal(a.final[k], b.final[k]) for k in a.final)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ddm_ray.engine.runtime import ClusterError, check_reachable
+from ddm_ray.engine.fanout import FanOut
+from ddm_ray.engine.runtime import ClusterError, check_reachable, choose_ray_auth
 from tests.engine.conftest import TINY, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +34,27 @@ def test_check_reachable_fails_fast_and_names_the_address() -> None:
     with pytest.raises(ClusterError, match="not host:port"):
         check_reachable("nonsense", timeout_s=1)
     check_reachable("auto", timeout_s=1)  # resolved by Ray itself
+
+
+def test_one_decision_of_the_auth_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert choose_ray_auth("10.0.0.1:6379") == "disabled"  # joining a cluster
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert choose_ray_auth(None) == "token"  # a runtime of its own, chosen before Ray is imported
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert choose_ray_auth(None) == "disabled"  # the user's choice stands
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert choose_ray_auth(None) == "disabled"  # inside `ray job submit`
+
+
+def test_local_fan_out_keeps_order_and_reports_each_item() -> None:
+    done: list[int] = []
+    with FanOut("local") as fan:
+        assert fan.map(lambda k, v: k * v, 3, [1, 2, 5], on_done=done.append) == [3, 6, 15]
+    assert done == [0, 1, 2]
 
 
 def test_unreachable_address_is_one_line_and_bounded(tmp_path: Path) -> None:
