@@ -11,6 +11,7 @@ An executor (`ddm_ray.engine`) decides where shards, blocks and one-process call
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -117,7 +118,7 @@ class Run:
         """progress(total_rows, rows_already_done) -> object with update(rows) and close()."""
         self.cfg, self.exe, self.executor = cfg, exe, executor
         self.store = RunStore(out, exe.storage_options)
-        self.log = log or (lambda msg: None)
+        self.log = log or logging.getLogger(__name__).info  # stage lines, through the ddm_ray loggers
         self.progress = progress
         self.timings: dict[str, float] = {}
         self.manifest: dict[str, Any] = {}
