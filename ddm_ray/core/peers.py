@@ -39,6 +39,7 @@ from ddm_ray.core.displacement import unrolled_displacement
 from ddm_ray.core.models import Network, Params, flatten, unflatten
 from ddm_ray.core.objectives import all_objectives, per_sample
 from ddm_ray.core.online import base_objectives
+from ddm_ray.core.probe import per_sample_grads
 from ddm_ray.core.training import Trajectory
 
 MODES = ("eval", "linear")
@@ -93,17 +94,11 @@ def unit_gradient_sums(
     for j, u in enumerate(units):
         local[unit_of == u] = j
     sel = torch.nonzero(local >= 0).flatten()
-    like = params
     flat = flatten(params)
-
-    def one(pf: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(net.logits(unflatten(pf, like), xi[None]), yi[None], reduction="sum")
-
-    g_fn = vmap(grad(one), in_dims=(None, 0, 0))
     out = torch.zeros(len(units), flat.numel(), dtype=flat.dtype)
     for i in range(0, sel.numel(), chunk):
         idx = sel[i : i + chunk]
-        out.index_add_(0, local[idx], g_fn(flat, x[idx], y[idx]))
+        out.index_add_(0, local[idx], per_sample_grads(net, params, x[idx], y[idx], chunk))
     return out
 
 
