@@ -5,9 +5,10 @@ blend calibration and the synsets (the math is in `ddm_ray.core`).
 for the forward unroll, class ranges for the paper-style methods) run through an executor's
 `distill`, and every finished piece can be saved and reloaded for resume.
 
-Progress: the driver counts finished pieces (shards, or classes for the paper-style methods) with
-rate and ETA; inside a shard, wherever it runs, the adjoint reports the epochs of its backward
-pass and the blend calibration its exact retrainings (`engine.progress`).
+Progress (`engine.progress`): the driver counts finished pieces (shards, or classes for the
+paper-style methods, whose shards hand out a piece per class) with rate and ETA; inside a shard,
+wherever it runs, the adjoint reports the epochs of its backward pass, and the blend calibration
+its exact retrainings. The forward unroll reports only when its shard is done.
 """
 
 from __future__ import annotations
@@ -120,15 +121,12 @@ def distill_shard(job: DistillJob, shard: Shard) -> Iterator[tuple[str, dict[str
         [{n: t.to(dev) for n, t in p.items()} for p in job.traj.checkpoints], job.traj.steps_per_epoch,
         None if job.traj.velocities is None else [{n: t.to(dev) for n, t in p.items()} for p in job.traj.velocities],
     )
-    if shard.kind == "classes":
-        bar = Progress(shard.hi - shard.lo, what=f"distill {shard.key}", unit="classes", logger=_log)
+    if shard.kind == "classes":  # a piece per class: the driver counts them as they arrive
         for c in range(shard.lo, shard.hi):
             uids = torch.nonzero(job.unit_label == c).flatten().tolist()
             members = [torch.nonzero(job.unit_of == u).flatten().to(dev) for u in uids]
             syn = distill_class(net, traj, c, uids, members, x, y, cfg.distill)
-            bar.update(1)
             yield f"class-{c:06d}", syn.to_dict()
-        bar.close()
         return
     if job.directions is None:
         raise ValueError(f"shard {shard.key} needs the probe subspace")
