@@ -44,12 +44,6 @@ def run_config(run: AuditRun) -> RunConfig:
     return cfg
 
 
-def load_complete_run(out: str, storage_options: dict[str, str]) -> tuple[RunStore, dict[str, Any], RunConfig]:
-    """(store, manifest, config) of a complete run, opened by `ddm_ray.api.open_run`."""
-    run = open_run(out, storage_options)
-    return run.store, run.manifest, run_config(run)
-
-
 def read_rows(run: AuditRun, units: list[int], objective: str) -> torch.Tensor:
     """DDM deltas for `units` and one objective: (len(units), n_test), in the given unit order;
     NaN rows for units the run does not hold."""
