@@ -16,7 +16,7 @@ from ddm_ray.cli import main
 from ddm_ray.store.run_store import RunStore
 
 SMALL = ["--max-train", "600", "--max-test", "200", "--epochs", "10", "--clusters-per-class", "3",
-         "--engine", "local", "--quiet"]
+         "--min-unit-size", "1", "--engine", "local", "--quiet"]  # exactly 3 units per class
 
 
 def _rows(out: str) -> dict[tuple[int, str], torch.Tensor]:

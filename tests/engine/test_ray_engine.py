@@ -131,7 +131,7 @@ def test_a_task_that_fails_once_is_retried_and_the_run_completes(ray_runtime: Pa
 @pytest.mark.slow
 def test_kill_9_mid_online_then_resume_gives_exactly_once_rows(ray_runtime: Path, tmp_path: Path) -> None:
     settings = ["--epochs", "3", "--distill-steps", "20", "--max-train", "400", "--clusters-per-class", "8",
-                "--block-units", "8", "--device", "cpu", "--quiet"]
+                "--block-units", "8", "--device", "cpu", "--min-unit-size", "1", "--quiet"]
     out = tmp_path / "killed"
     env = {**os.environ, faults.DELAY_ENV: "0.4", "OMP_NUM_THREADS": "1"}
     env.pop(faults.FAULTS_DIR_ENV, None)
