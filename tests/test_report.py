@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -172,9 +173,10 @@ def s3_run(tabular_run, monkeypatch):
     host, port = server.get_host_and_port()
     opts = {"endpoint_url": f"http://{host}:{port}"}
     fs = fsspec.filesystem("s3", **opts)
-    fs.mkdir("ddm")
-    fs.put(tabular_run, "ddm/run", recursive=True)
-    yield "s3://ddm/run", opts
+    bucket = f"report-{uuid.uuid4().hex[:12]}"  # moto's backend is shared by every server in this process
+    fs.mkdir(bucket)
+    fs.put(tabular_run, f"{bucket}/run", recursive=True)
+    yield f"s3://{bucket}/run", opts
     server.stop()
 
 
@@ -186,7 +188,7 @@ def test_report_of_an_object_store_run_needs_a_local_folder(s3_run, tmp_path, ca
     assert err.count("\n") == 1 and "give --report-out DIR" in err
     assert main(["report", url, *options, "--report-out", str(tmp_path / "rep"), "--max-tests", "2", "--quiet"]) == 0
     page = _page(str(tmp_path / "rep" / "index.html"))
-    assert len(re.findall(r'class="test[^"]*" id="test-', page)) == 2 and "s3://ddm/run" in page
+    assert len(re.findall(r'class="test[^"]*" id="test-', page)) == 2 and url in page
     assert len(_check_pngs(page, tmp_path / "rep")) == len(_imgs(page)) > 2
 
 
