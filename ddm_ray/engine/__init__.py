@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from typing import Any
 
 from ddm_ray.config import ExecConfig, RunConfig
@@ -52,12 +53,15 @@ def run_with_engine(
 
     from ddm_ray.engine.placement import plan_placement
     from ddm_ray.engine.ray_executor import RayExecutor
-    from ddm_ray.engine.runtime import ray_runtime
+    from ddm_ray.engine.runtime import ray_runtime, user_module_env
     from ddm_ray.store.fs import with_env_options
 
     # workers do not share the driver's environment: its S3 settings travel with the job
     exe = dataclasses.replace(exe, storage_options=with_env_options(out, exe.storage_options))
-    with ray_runtime(address, exe.num_cpus, log, exe.connect_timeout_s, local_niceness_zero=True):
+    staging = tempfile.TemporaryDirectory(prefix="ddm-ray-modules-")
+    env = user_module_env(cfg.model.arch, staging.name) if cfg.model.is_user_model else None
+    with staging, ray_runtime(address, exe.num_cpus, log, exe.connect_timeout_s, local_niceness_zero=True,
+                              runtime_env=env):
         res = ray.cluster_resources()
         placement = plan_placement(exe.device, res.get("GPU", 0), res.get("CPU", 1))
         slots = placement.actors if placement.task_gpus else max(1, int(res.get("CPU", 1)))

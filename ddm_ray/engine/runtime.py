@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 from ddm_ray.errors import DDMError
@@ -83,15 +84,48 @@ def _forwarded_logs_env() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
+def inside_submitted_job() -> bool:
+    """True in the driver of a `ray job submit` job (its runtime env, --working-dir included, is
+    already the job's)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def user_module_env(model_ref: str, staging: str) -> dict[str, Any] | None:
+    """The runtime env that ships a user model's top-level module to a cluster's workers
+    (`py_modules`), or None when it is not found locally. A single-file module is staged in
+    `staging` as a package of the same name (Ray ships packages and folders)."""
+    import importlib.util
+    import shutil
+
+    top = model_ref.partition(":")[0].split(".")[0]
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+        return None
+    if spec.submodule_search_locations:  # a package: ship its folder
+        return {"py_modules": [list(spec.submodule_search_locations)[0]]}
+    package = os.path.join(staging, top)
+    os.makedirs(package, exist_ok=True)
+    shutil.copyfile(spec.origin, os.path.join(package, "__init__.py"))
+    return {"py_modules": [package]}
+
+
 def start_or_join(
     address: str | None = None,
     num_cpus: int | None = None,
     log: Callable[[str], None] | None = None,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     local_niceness_zero: bool = False,
+    runtime_env: dict[str, Any] | None = None,
 ) -> bool:
     """Make sure this process is connected to Ray; returns True if it started a local runtime
-    (which the caller then shuts down: `ray_runtime` does both)."""
+    (which the caller then shuts down: `ray_runtime` does both). runtime_env goes with a cluster
+    joined from outside a submitted job (a local runtime's workers import from the driver's
+    working directory and PYTHONPATH already; a job's were given by `ray job submit`)."""
     target = cluster_address(address)
     choose_ray_auth(address)
     import ray
@@ -104,8 +138,10 @@ def start_or_join(
             probe = address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS")
             if probe:
                 check_reachable(probe, connect_timeout_s)
-            ray.init(address=address or "auto", log_to_driver=True, logging_level="ERROR")
-            log(f"ray: joined the cluster at {target}")
+            env = runtime_env if runtime_env and not inside_submitted_job() else None
+            ray.init(address=address or "auto", log_to_driver=True, logging_level="ERROR",
+                     **({"runtime_env": env} if env else {}))
+            log(f"ray: joined the cluster at {target}" + (f" (shipping {env})" if env else ""))
             return False
         if local_niceness_zero:
             # the runtime exists only for this run: its workers are the run, so they get the
@@ -133,11 +169,12 @@ def ray_runtime(
     log: Callable[[str], None] | None = None,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     local_niceness_zero: bool = False,
+    runtime_env: dict[str, Any] | None = None,
 ) -> Iterator[bool]:
     """Connected to Ray inside the block (`start_or_join`); a local runtime started here is stopped
     on the way out, a cluster joined or a runtime already running is left as it was. Yields
     whether it started one."""
-    started = start_or_join(address, num_cpus, log, connect_timeout_s, local_niceness_zero)
+    started = start_or_join(address, num_cpus, log, connect_timeout_s, local_niceness_zero, runtime_env)
     try:
         yield started
     finally:

@@ -84,3 +84,22 @@ def test_a_stale_cluster_address_file_is_ignored_and_the_own_runtime_uses_auth()
         assert "started a local runtime" in r.stderr and "auth token" in r.stderr
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_user_model_module_is_staged_for_a_cluster(tmp_path, monkeypatch):
+    from ddm_ray.engine.runtime import user_module_env
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "single_file_models.py").write_text("def build(s, c):\n    return None\n")
+    (tmp_path / "work" / "pkg_models").mkdir()
+    (tmp_path / "work" / "pkg_models" / "__init__.py").write_text("")
+    (tmp_path / "work" / "pkg_models" / "nets.py").write_text("def build(s, c):\n    return None\n")
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    staging = tmp_path / "staging"
+    env = user_module_env("single_file_models:build", str(staging))
+    assert env == {"py_modules": [str(staging / "single_file_models")]}
+    assert (staging / "single_file_models" / "__init__.py").read_text().startswith("def build")
+    assert user_module_env("pkg_models.nets:build", str(staging)) == {
+        "py_modules": [str(tmp_path / "work" / "pkg_models")]}
+    assert user_module_env("no_such_module_anywhere:build", str(staging)) is None
