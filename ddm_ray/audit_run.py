@@ -126,8 +126,10 @@ def audit(
     **options: Any,
 ) -> AuditRun:
     """Run a whole audit (offline + online) and open its result; see the module docstring."""
-    from ddm_ray.cli.options import build_configs
+    from ddm_ray.cli.options import build_configs, coerce
+    from ddm_ray.cli.options import options as all_options
     from ddm_ray.engine import run_with_engine
+    from ddm_ray.engine.runtime import choose_ray_auth
 
     given = dict(options)
     for split, data in (("train", train), ("test", test)):
@@ -142,6 +144,12 @@ def audit(
             if given.get(key, name) != name:
                 raise ConfigError(f"{key}={given[key]!r} does not apply to in-memory {split} data (its columns are x, y, id)")
     given["model"] = _model_ref(model)
+    opts = {o.dest: o for o in all_options()}
+    unknown = sorted(set(given) - set(opts))
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}; ddm_ray.audit_options() lists them")
+    given = {k: coerce(opts[k], v, k) for k, v in given.items()}
+    choose_ray_auth(address)  # before anything imports Ray: a runtime started here gets token auth
     cfg, exe = build_configs(given, storage_options=storage_options or {})
     run_with_engine(cfg, exe, out, address=address, progress=progress)
     return open_run(out, storage_options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,9 +118,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(1 <= self.epochs <= 100_000, "epochs must be in [1, 100000]")
         _check(1 <= self.batch_size <= 1_000_000, "batch size must be in [1, 1000000]")
-        _check(self.lr > 0, "learning rate must be > 0")
+        _check(math.isfinite(self.lr) and self.lr > 0, "learning rate must be a finite number > 0")
         _check(0 <= self.momentum < 1, "momentum must be in [0, 1)")
-        _check(self.weight_decay >= 0, "weight decay must be >= 0")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight decay must be finite and >= 0")
 
 
 @dataclass(frozen=True)
@@ -215,9 +216,10 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         _check(self.precision in ("fp32", "tf32", "bf16"), "precision must be fp32, tf32 or bf16")
         _check(self.steps >= 1, "online steps must be >= 1")
-        _check(self.lr > 0, "online lr must be > 0")
+        _check(math.isfinite(self.lr) and self.lr > 0, "online lr must be a finite number > 0")
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         _check(not bad and len(self.objectives) > 0, f"objectives must be a subset of {OBJECTIVES}")
+        _check(len(set(self.objectives)) == len(self.objectives), f"objectives repeat: {','.join(self.objectives)}")
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,12 @@ class RunConfig:
             "basis synsets are solved for one online step; use --online-steps 1 "
             "(or --distill-method soft_label for multi-step fine-tuning)",
         )
+        if self.units.from_column is not None:
+            kmeans_only = [f"{f.name}" for f in dataclasses.fields(UnitConfig)
+                           if f.name in ("clusters_per_class", "features", "kmeans_iters", "min_size")
+                           and getattr(self.units, f.name) != f.default]
+            _check(not kmeans_only, f"--units-from {self.units.from_column} makes the units; the k-means option(s) "
+                                    f"{', '.join(kmeans_only)} do not apply: drop them")
         _check(
             self.units.from_column is None or self.distill.method == "basis",
             "--units-from units may span classes; the soft_label/literal synsets are per class: use --distill-method basis",
@@ -267,11 +275,14 @@ class RunConfig:
                     kwargs[f.name] = tuple(v) if isinstance(v, list) else v
             return klass(**kwargs)
 
+        units = dict(d.get("units", {}))
+        if units and "min_size" not in units:  # manifests from before units were merged: raw clusters
+            units["min_size"] = 1
         return cls(
             data=build(DataConfig, d.get("data", {})),
             model=build(ModelConfig, d.get("model", {})),
             train=build(TrainConfig, d.get("train", {})),
-            units=build(UnitConfig, d.get("units", {})),
+            units=build(UnitConfig, units),
             distill=build(DistillConfig, d.get("distill", {})),
             online=build(OnlineConfig, d.get("online", {})),
         )
@@ -298,7 +309,7 @@ class ExecConfig:
         _check(self.online_batch is None or self.online_batch >= 1, "online batch must be >= 1")
         _check(self.block_units >= 1, "block units must be >= 1")
         _check(self.max_in_flight is None or self.max_in_flight >= 1, "max in flight must be >= 1")
-        _check(self.connect_timeout_s > 0, "connect timeout must be > 0")
+        _check(math.isfinite(self.connect_timeout_s) and self.connect_timeout_s > 0, "connect timeout must be finite and > 0")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

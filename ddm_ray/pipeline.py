@@ -167,6 +167,8 @@ class Run:
             raise InputError(
                 f"class {label} has {n} training samples, fewer than --clusters-per-class {k}"
             )
+        # the model is built here first: an unusable user model is refused before anything runs
+        Network(self.cfg.model, dataset.input_shape, dataset.num_classes)
         self._stage("load_data", t0)
         return dataset
 

@@ -53,3 +53,26 @@ def test_bad_arrays_are_one_line_errors(data, match):
 def test_audit_options_lists_the_run_options():
     opts = audit_options()
     assert {"epochs", "units_from", "x_column", "model", "engine", "resume"} <= set(opts)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [({"epochs": "5"}, "epochs: expected an integer"), ({"hidden": 64}, "hidden: expected a list of integers"),
+     ({"epoch": 5}, "unknown option 'epoch'")],
+)
+def test_audit_options_are_type_checked_before_anything_runs(tmp_path, options, match):
+    import ddm_ray
+
+    with pytest.raises(ConfigError, match=match):
+        ddm_ray.audit(str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"), out=str(tmp_path / "o"), **options)
+    assert not (tmp_path / "o").exists()
+
+
+def test_numpy_option_values_are_plain_values():
+    from ddm_ray.cli.options import build_configs, coerce, options
+
+    opts = {o.dest: o for o in options()}
+    given = {"epochs": coerce(opts["epochs"], np.int64(7), "epochs"),
+             "hidden": coerce(opts["hidden"], np.array([16, 8]), "hidden")}
+    cfg, _ = build_configs(given)
+    assert cfg.train.epochs == 7 and cfg.model.hidden == (16, 8) and isinstance(cfg.hash(), str)

@@ -160,10 +160,24 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid TOML ({str(e).splitlines()[0]})") from None
 
 
-def _coerce(o: Option, value: Any, where: str) -> Any:
-    """A TOML value -> the field's type, or a one-line error naming the key."""
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays, tuples -> Python scalars and lists (what TOML gives)."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, list):
+        return [v.item() if hasattr(v, "item") else v for v in value]
+    return value
+
+
+def coerce(o: Option, value: Any, where: str) -> Any:
+    """A TOML or Python value -> the field's type, or a one-line error naming the key."""
+    value = _plain(value)
     if value is None and o.optional:
         return None
+    if o.kind == "floats" and isinstance(value, list):
+        value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
     ok = {
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -171,16 +185,17 @@ def _coerce(o: Option, value: Any, where: str) -> Any:
         "bool": isinstance(value, bool),
         "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
         "strs": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "floats": isinstance(value, list) and all(isinstance(v, float) for v in value),
     }[o.kind]
     if not ok:
         want = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-                "ints": "a list of integers", "strs": "a list of strings"}[o.kind]
+                "ints": "a list of integers", "strs": "a list of strings", "floats": "a list of numbers"}[o.kind]
         raise ConfigError(f"{where}: expected {want}, got {value!r}")
     if o.choices and value not in o.choices:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(o.choices)}")
     if o.kind == "float":
         return float(value)
-    return tuple(value) if o.kind in ("ints", "strs") else value
+    return tuple(value) if o.kind in ("ints", "strs", "floats") else value
 
 
 def values_from_toml(doc: Mapping[str, Any], path: str) -> tuple[dict[tuple[str, str], Any], dict[str, Any]]:
@@ -204,7 +219,12 @@ def values_from_toml(doc: Mapping[str, Any], path: str) -> tuple[dict[tuple[str,
             if o is None:
                 names = ", ".join(f for (s, f) in by_target if s == key)
                 raise ConfigError(f"{path}: unknown option [{key}] {name} (known: {names})")
-            fields[(key, name)] = _coerce(o, v, f"{path}: [{key}] {name}")
+            value = coerce(o, v, f"{path}: [{key}] {name}")
+            for target in o.targets:  # one option, several fields (the seed): all of them, one value
+                if target in fields and fields[target] != value:
+                    raise ConfigError(f"{path}: {o.flag} is one option for {', '.join(f'[{s}]' for s, _ in o.targets)}; "
+                                      "give it one value")
+                fields[target] = value
     return fields, top
 
 

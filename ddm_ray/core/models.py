@@ -131,6 +131,23 @@ def check_user_module(ref: str, module: nn.Module, input_shape: tuple[int, ...],
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"--model {ref}: the module returns {shape} for 2 samples, expected (2, {num_classes}) logits")
+    # per-sample gradients (torch.func.vmap over grad), as the probe subspace and the online stage
+    # take them: data-dependent control flow or .item() in forward fail here, not after training
+    from torch.func import grad, vmap
+
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(functional_call(module, p, (x[None],)), y[None])
+
+    try:
+        vmap(grad(loss), in_dims=(None, 0, 0))(params, torch.randn(2, *input_shape), torch.zeros(2, dtype=torch.long))
+    except Exception as e:  # noqa: BLE001 - what the user's forward does under vmap
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(
+            f"--model {ref}: per-sample gradients (torch.func.vmap) fail on this module ({type(e).__name__}: "
+            f"{first[:200]}); avoid data-dependent control flow and .item() in forward"
+        ) from None
 
 
 class Network:

@@ -113,8 +113,10 @@ def _digits(cfg: DataConfig) -> Dataset:
 def _parquet(cfg: DataConfig, storage_options: dict[str, str], group_column: str | None = None) -> Dataset:
     assert cfg.train and cfg.test
     cols = (cfg.x_column, cfg.y_column, cfg.id_column)
-    tr = read_split(cfg.train, storage_options, *cols, group_column=group_column)
-    te = read_split(cfg.test, storage_options, *cols)
+    named_id = cfg.id_column != "id"  # a default id column may be absent (row numbers then)
+    tr = read_split(cfg.train, storage_options, *cols, group_column=group_column, max_rows=cfg.max_train,
+                    id_required=named_id)
+    te = read_split(cfg.test, storage_options, *cols, max_rows=cfg.max_test, id_required=named_id)
     if tr.shape != te.shape:
         raise InputError(
             f"parquet: train samples have shape {','.join(map(str, tr.shape))}, test samples "

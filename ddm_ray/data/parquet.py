@@ -103,12 +103,25 @@ def _image_bytes(col: pa.Array, url: str, storage_options: dict[str, str]) -> li
     return out
 
 
-def _is_image_type(t: pa.DataType) -> bool:
+def _fits_int64(col: pa.Array | pa.ChunkedArray, url: str, name: str) -> None:
+    if pa.types.is_uint64(col.type) and len(col) and pc.max(col).as_py() > np.iinfo(np.int64).max:
+        raise InputError(f"{url}: column {name!r} has values above the int64 range")
+
+
+def _is_image_type(t: pa.DataType, url: str = "", name: str = "") -> bool:
+    """Binary cells, or a {bytes: binary, path: string} struct (Hugging Face Image)."""
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return True
     if pa.types.is_struct(t):
-        names = {t.field(i).name for i in range(t.num_fields)}
-        return "bytes" in names or "path" in names
+        fields = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
+        ok = ("bytes" in fields or "path" in fields) and all(
+            (k != "bytes" or pa.types.is_binary(v) or pa.types.is_large_binary(v))
+            and (k != "path" or pa.types.is_string(v) or pa.types.is_large_string(v))
+            for k, v in fields.items()
+        )
+        if not ok:
+            raise InputError(f"{url}: column {name!r} is a struct {t}; images need {{bytes: binary, path: string}}")
+        return True
     return False
 
 
@@ -142,9 +155,11 @@ def _numeric_lists(col: pa.Array, url: str, name: str) -> tuple[np.ndarray, tupl
 
 def read_split(
     url: str, storage_options: dict[str, str], x_column: str, y_column: str, id_column: str,
-    group_column: str | None = None,
+    group_column: str | None = None, max_rows: int | None = None, id_required: bool = False,
 ) -> Columns:
-    """Read one Parquet split; raises InputError with a one-line reason for anything unusable."""
+    """Read one Parquet split (its first max_rows rows when given, sliced before any image is
+    decoded); raises InputError with a one-line reason for anything unusable. id_required: the
+    id column was named by the user, so its absence is an error, not the row number."""
     from ddm_ray.store.fs import open_url, read_parquet, redact
 
     raw, url = url, redact(url)  # messages never echo a presigned signature
@@ -164,10 +179,14 @@ def read_split(
             raise InputError(f"{url}: missing column {col!r} (has {', '.join(names) or 'none'})")
     if table.num_rows == 0:
         raise InputError(f"{url}: no rows")
+    if max_rows is not None:
+        table = table.slice(0, max_rows)
+    if id_required and id_column not in names:
+        raise InputError(f"{url}: missing id column {id_column!r} (has {', '.join(names)})")
     xcol = table.column(x_column).combine_chunks()
     if xcol.null_count:
         raise InputError(f"{url}: null values in {x_column!r}")
-    if _is_image_type(xcol.type):
+    if _is_image_type(xcol.type, url, x_column):
         x, shape = _decode_images(_image_bytes(xcol, raw, storage_options), url)
     elif _is_list(xcol.type):
         x, shape = _numeric_lists(xcol, url, x_column)
@@ -180,6 +199,7 @@ def read_split(
         ids_col = table.column(id_column)
         if not pa.types.is_integer(ids_col.type) or ids_col.null_count:
             raise InputError(f"{url}: column {id_column!r} must be non-null integers, got {ids_col.type}")
+        _fits_int64(ids_col, url, id_column)
         ids = np.asarray(ids_col, dtype=np.int64)
     else:
         ids = np.arange(table.num_rows, dtype=np.int64)
@@ -204,6 +224,7 @@ def _labels(col: pa.Array, url: str, name: str) -> np.ndarray:
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
     if pa.types.is_integer(col.type):
+        _fits_int64(col, url, name)
         return np.asarray(col, dtype=np.int64)
     if pa.types.is_boolean(col.type):
         return np.asarray(col, dtype=np.int64)

@@ -49,6 +49,9 @@ def run_with_engine(
 
         return Run(cfg, exe, out, LocalExecutor(_local_device(exe.device)), log=log, progress=bar).execute(n_shards=1)
 
+    from ddm_ray.engine.runtime import choose_ray_auth
+
+    choose_ray_auth(address)  # before Ray is imported (it reads the mode once)
     import ray
 
     from ddm_ray.engine.placement import plan_placement

@@ -115,3 +115,26 @@ def test_version_and_a_light_parser():
              "print(sorted(m for m in ('torch', 'ray', 'pyarrow', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_toml_seed_seeds_every_stage_and_must_agree(tmp_path):
+    p = tmp_path / "seed.toml"
+    p.write_text("[train]\nseed = 3\n")
+    cfg, _ = _configs(["--config", str(p)])
+    assert cfg.train.seed == cfg.units.seed == cfg.distill.seed == 3
+    p.write_text("[train]\nseed = 3\n[units]\nseed = 4\n")
+    with pytest.raises(ConfigError, match="seed is one option"):
+        _configs(["--config", str(p)])
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--units-from", "source", "--clusters-per-class", "4"], "do not apply"),
+        (["--objectives", "loss,loss"], "objectives repeat"),
+        (["--lr", "inf"], "finite"),
+    ],
+)
+def test_contradictory_or_degenerate_options_are_refused(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        _configs(argv)

@@ -87,3 +87,32 @@ def test_unimportable_module_names_the_fix():
 def test_model_reference_syntax_is_checked():
     with pytest.raises(ConfigError, match="package.module:factory"):
         ModelConfig(arch="resnet")
+
+
+def test_a_forward_that_vmap_cannot_take_is_refused_before_training(tmp_path, monkeypatch):
+    name = f"ddm_branchy_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(
+        """
+        from torch import nn
+
+        class Branchy(nn.Module):
+            def __init__(self, d, c):
+                super().__init__()
+                self.lin = nn.Linear(d, c)
+
+            def forward(self, x):
+                x = x.flatten(1)
+                if x.abs().sum() > 0:  # data-dependent control flow
+                    x = x * 2
+                return self.lin(x)
+
+        def build(shape, c):
+            return Branchy(int(shape[0]), c)
+        """
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match="per-sample gradients.*data-dependent control flow"):
+            Network(ModelConfig(arch=f"{name}:build"), (4,), 2)
+    finally:
+        sys.modules.pop(name, None)

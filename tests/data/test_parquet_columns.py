@@ -121,3 +121,26 @@ def test_units_column_with_nulls_is_refused(tmp_path):
 def test_units_column_needs_parquet():
     with pytest.raises(InputError, match="--units-from source reads a column"):
         load_dataset(DataConfig(), group_column="source")
+
+
+@pytest.mark.parametrize(
+    "table,match,extra",
+    [
+        (pa.table({"x": pa.array([{"bytes": "s", "path": "p"}], pa.struct([("bytes", pa.string()), ("path", pa.string())])),
+                   "y": [0]}), "images need", {}),
+        (pa.table({"x": [[1.0], [2.0]], "y": [0, 1], "id": pa.array([1, 2**63 + 5], pa.uint64())}), "int64 range", {}),
+        (pa.table({"x": [[1.0], [2.0]], "y": [0, 1]}), "missing id column 'key'", {"id_column": "key"}),
+    ],
+)
+def test_odd_columns_are_one_line_errors(tmp_path, table, match, extra):
+    p = _write(tmp_path / "odd.parquet", table)
+    with pytest.raises(InputError, match=match):
+        load_dataset(DataConfig(dataset="parquet", train=p, test=p, **extra))
+
+
+def test_max_rows_are_taken_before_images_are_decoded(tmp_path):
+    good = [_png(a) for a in _gray_images(4)]
+    t = pa.table({"x": pa.array([*good, b"damaged beyond the rows used"], pa.binary()), "y": [0, 1, 0, 1, 0]})
+    p = _write(tmp_path / "rows.parquet", t)
+    ds = load_dataset(DataConfig(dataset="parquet", train=p, test=p, max_train=4, max_test=2))
+    assert ds.x_train.shape == (4, 1, 6, 5) and ds.x_test.shape == (2, 1, 6, 5)
