@@ -125,6 +125,7 @@ class Run:
         self.online_batch: int | None = exe.online_batch
         self.fingerprint: str | None = None
         self.data_info: dict[str, Any] = {}  # input shape and the classes as the data names them
+        self.model_fingerprint: str | None = None
         self.distillation: dict[str, Any] = {}
         self.part_records: dict[str, Any] = {}  # part name -> rows, sha256, bytes (once complete)
 
@@ -140,6 +141,7 @@ class Run:
             "config_hash": self.cfg.hash(),
             "data_fingerprint": self.fingerprint,
             "data": self.data_info,
+            "model_fingerprint": self.model_fingerprint,
             "versions": versions(),
             "timings_seconds": self.timings,
             "counts": counts,
@@ -168,7 +170,7 @@ class Run:
                 f"class {label} has {n} training samples, fewer than --clusters-per-class {k}"
             )
         # the model is built here first: an unusable user model is refused before anything runs
-        Network(self.cfg.model, dataset.input_shape, dataset.num_classes)
+        self.model_fingerprint = Network(self.cfg.model, dataset.input_shape, dataset.num_classes).fingerprint()
         self._stage("load_data", t0)
         return dataset
 
@@ -263,6 +265,11 @@ class Run:
             raise RunStateError(
                 f"{self.store.url}: the data changed since this run started (fingerprint "
                 f"{previous.get('data_fingerprint')} vs {self.fingerprint}); rerun without --resume"
+            )
+        if resume and previous is not None and previous.get("model_fingerprint") not in (None, self.model_fingerprint):
+            raise RunStateError(
+                f"{self.store.url}: the model changed since this run started ({self.cfg.model.arch}: fingerprint "
+                f"{previous.get('model_fingerprint')} vs {self.model_fingerprint}); rerun without --resume"
             )
         # not complete before anything is deleted: a crash in between leaves a resumable run
         self._write_manifest("running", {})

@@ -128,6 +128,11 @@ def validate_run(
     ds = load_dataset(cfg.data, storage_options)
     state = store.read_torch(RunStore.MODEL)
     net = Network(cfg.model, ds.input_shape, ds.num_classes)
+    if manifest.get("model_fingerprint") not in (None, net.fingerprint()):
+        raise RunStateError(
+            f"{run.store.url}: the model {cfg.model.arch} changed since this run (fingerprint "
+            f"{manifest.get('model_fingerprint')} vs {net.fingerprint()}); rerun it before validating"
+        )
     traj = Trajectory(state["checkpoints"], int(state["steps_per_epoch"]), state.get("velocities"))
     unit_of, unit_label = state["unit_of"], state["unit_label"]
     units = sample_units(int(unit_label.numel()), n_units, seed)

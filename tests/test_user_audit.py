@@ -131,3 +131,19 @@ def test_readme_audit_snippet_runs(workdir: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert "['scanner-0', 'scanner-1', 'scanner-2', 'scanner-3', 'scanner-4', 'scanner-5'] (6, 100)" in r.stdout
     assert len(list((workdir / "cache" / "inputs").glob("*.parquet"))) == 2
+
+
+def test_an_edited_user_model_does_not_resume_or_validate(workdir: Path) -> None:
+    d = workdir / "edited"
+    d.mkdir()
+    (d / "editable_models.py").write_text(_block("(`mymodels.py`):"))
+    out = str(d / "run")
+    args = ["run", "--max-train", "300", "--max-test", "40", "--epochs", "2", "--clusters-per-class", "2",
+            "--input-shape", "1,8,8", "--model", "editable_models:build", "--engine", "local", "--out", out, "--quiet"]
+    assert _cli(d, *args).returncode == 0
+    source = (d / "editable_models.py").read_text()
+    (d / "editable_models.py").write_text(source.replace("nn.Linear(64, num_classes)", "nn.Linear(64, num_classes, bias=False)"))
+    for cmd in (["run", *args[1:], "--resume"], ["validate", "--out", out, "--engine", "local", "--units", "2"]):
+        r = _cli(d, *cmd)
+        assert r.returncode != 0 and "model" in r.stderr and "changed since" in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1

@@ -172,6 +172,22 @@ class Network:
         self.module.requires_grad_(False)
         self._feature_layer: nn.Module | None = None
 
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) of the architecture: parameter names and shapes, and for a user model
+        the source file of its module (an edited model must not resume or validate a run)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in self.module.named_parameters():
+            h.update(f"{k}:{tuple(v.shape)};".encode())
+        if self.cfg.is_user_model:
+            mod = sys.modules.get(self.cfg.arch.partition(":")[0])
+            path = getattr(mod, "__file__", None)
+            if path and os.path.exists(path):
+                with open(path, "rb") as f:
+                    h.update(f.read())
+        return h.hexdigest()[:16]
+
     def init_params(self, seed: int) -> Params:
         """Fresh parameters under `seed` (same seed, same tensors): PyTorch's default init for the
         built-in models; the user's factory called under that seed for a user model."""
