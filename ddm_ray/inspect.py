@@ -43,7 +43,7 @@ def sign_note(objective: str) -> str:
 def _unit_rows(run: AuditRun) -> dict[int, dict[str, Any]]:
     t = run.units().to_pydict()
     return {
-        int(u): {"unit_id": int(u), "label": int(lab), "label_name": name, "size": int(size), "member_ids": list(ids)}
+        int(u): {"unit_id": int(u), "label": None if lab is None else int(lab), "label_name": name, "size": int(size), "member_ids": list(ids)}
         for u, lab, name, size, ids in zip(t["unit_id"], t["label"], t["label_name"], t["size"], t["sample_ids"], strict=True)
     }
 
@@ -100,8 +100,8 @@ def worst_tests(run: AuditRun, k: int, objective: str | None = None) -> dict[str
 
 
 # ---- formatting -------------------------------------------------------------------------------
-def _label(name: str, code: int) -> str:
-    return name if name == str(code) else f"{name} ({code})"
+def _label(name: str, code: int | None) -> str:
+    return name if code is None or name == str(code) else f"{name} ({code})"
 
 
 def _ids(ids: list[int], limit: int = MEMBER_PREVIEW) -> str:

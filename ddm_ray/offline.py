@@ -105,7 +105,7 @@ def units_table(off: Offline) -> pa.Table:
     return pa.table(
         {
             "unit_id": pa.array(range(units.num_units), pa.int64()),
-            "label": pa.array([ds.classes[c] if c >= 0 else -1 for c in labels], pa.int64()),
+            "label": pa.array([ds.classes[c] if c >= 0 else None for c in labels], pa.int64()),
             "label_name": pa.array([ds.name_of(c) if c >= 0 else "mixed" for c in labels], pa.string()),
             "sample_ids": pa.array(members, pa.list_(pa.int64())),
             "name": pa.array(_unit_names(units, ds), pa.string()),

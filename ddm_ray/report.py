@@ -39,6 +39,7 @@ from ddm_ray.store.run_store import RunStore
 
 MEMBERS_SHOWN = 4  # member samples drawn per unit
 UNITS_LISTED = 8  # rows of each unit table
+MIXED = np.iinfo(np.int64).min  # unit_label of a unit spanning classes (units.parquet: null label)
 _THUMB = 48  # pixel size samples are drawn at (nearest-neighbour upscale of small images)
 _BAR_W, _BAR_H = 96, 48
 
@@ -215,7 +216,7 @@ class _Frame:
     unit_ids: np.ndarray  # (U,)
     helped: np.ndarray  # (U, N): > 0 where the unit helped the prediction (sign-normalised delta)
     delta: np.ndarray  # (U, N) raw delta
-    unit_label: np.ndarray  # (U,) class label, -1 for mixed
+    unit_label: np.ndarray  # (U,) class label, MIXED for a unit spanning classes
     unit_name: list[str]
     unit_size: np.ndarray
     unit_level: list[str]
@@ -250,7 +251,7 @@ def _frame(run: AuditRun, objective: str) -> _Frame:
         unit_ids=unit_ids,
         helped=delta if objective == "loss" else -delta,
         delta=delta,
-        unit_label=np.asarray([units["label"][i] for i in idx], dtype=np.int64),
+        unit_label=np.asarray([MIXED if units["label"][i] is None else units["label"][i] for i in idx], dtype=np.int64),
         unit_name=[str(units["label_name"][i]) for i in idx],
         unit_size=np.asarray([units["size"][i] for i in idx], dtype=np.int64),
         unit_level=[str(units["level"][i]) for i in idx],

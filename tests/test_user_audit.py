@@ -75,7 +75,7 @@ def test_user_cnn_string_labels_and_source_units_on_ray_then_validate(workdir: P
     assert units["name"] == sorted(set(sources.tolist())) and units["level"] == ["column:source"] * 7
     assert sorted(i for ids in units["sample_ids"] for i in ids) == list(range(360))
     mixed = units["name"].index("src-mixed")
-    assert units["label_name"][mixed] == "mixed" and units["label"][mixed] == -1
+    assert units["label_name"][mixed] == "mixed" and units["label"][mixed] is None
     unit_ids, test_ids, delta = run.matrix("loss")
     assert delta.shape == (7, 60) and np.isfinite(delta).all() and np.abs(delta).max() > 0
     ti = run.test_index().to_pydict()

@@ -137,8 +137,8 @@ def add_options(
         if o.choices:
             text += f"; one of {', '.join(o.choices)}"
         if o.kind == "bool":
-            g.add_argument(f"--{o.flag}", dest=o.dest, action="store_const", const=True,
-                           default=argparse.SUPPRESS, help=text)
+            g.add_argument(f"--{o.flag}", dest=o.dest, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=text)  # --no-X turns off a file's true
         else:
             g.add_argument(f"--{o.flag}", dest=o.dest, type=lambda t, o=o: parse_value(o, t),
                            default=argparse.SUPPRESS, metavar=o.kind.upper() if o.kind != "str" else "TEXT",

@@ -207,20 +207,21 @@ class Network:
         return functional_call(self.module, params, (x,))
 
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations, (N, *input_shape) -> (N, width): the input of the last linear
-        layer (for the built-in models, the output of their body)."""
+        """Penultimate activations, (N, *input_shape) -> (N, width): the input of the linear layer
+        the forward calls last (for the built-in models, the output of their body)."""
         if hasattr(self.module, "body") and hasattr(self.module, "head") and not self.cfg.is_user_model:
             body = {k[len("body.") :]: v for k, v in params.items() if k.startswith("body.")}
             return functional_call(self.module.body, body, (x,))  # type: ignore[arg-type]
         linears = [m for m in self.module.modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise ConfigError(f"--unit-features penultimate needs a final nn.Linear in {self.cfg.arch}; use input")
-        captured: list[torch.Tensor] = []
-        handle = linears[-1].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        captured: list[torch.Tensor] = []  # inputs of the linear layers in the order forward calls them
+        handles = [m.register_forward_pre_hook(lambda _m, args: captured.append(args[0])) for m in linears]
         try:
             self.logits(params, x)
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
         return captured[-1].reshape(x.shape[0], -1)
 
 

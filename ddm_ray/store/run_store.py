@@ -41,7 +41,7 @@ ATTRIBUTION_SCHEMA = pa.schema(
 UNITS_SCHEMA = pa.schema(
     [
         pa.field("unit_id", pa.int64(), nullable=False),
-        pa.field("label", pa.int64(), nullable=False),  # class label (-1: a unit spanning classes)
+        pa.field("label", pa.int64(), nullable=True),  # class label; null for a unit spanning classes
         pa.field("label_name", pa.string(), nullable=False),  # the label as in the data ("mixed" if spanning)
         pa.field("name", pa.string(), nullable=False),  # column value, or "<label>/<cluster>" for k-means
         pa.field("sample_ids", pa.list_(pa.int64()), nullable=False),  # training ids of the members

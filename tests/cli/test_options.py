@@ -138,3 +138,10 @@ def test_a_toml_seed_seeds_every_stage_and_must_agree(tmp_path):
 def test_contradictory_or_degenerate_options_are_refused(argv, match):
     with pytest.raises(ConfigError, match=match):
         _configs(argv)
+
+
+def test_a_flag_turns_off_a_boolean_the_file_turned_on(tmp_path):
+    p = tmp_path / "resume.toml"
+    p.write_text("[exec]\nresume = true\n")
+    assert _configs(["--config", str(p)])[1].resume is True
+    assert _configs(["--config", str(p), "--no-resume"])[1].resume is False

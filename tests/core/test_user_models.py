@@ -116,3 +116,33 @@ def test_a_forward_that_vmap_cannot_take_is_refused_before_training(tmp_path, mo
             Network(ModelConfig(arch=f"{name}:build"), (4,), 2)
     finally:
         sys.modules.pop(name, None)
+
+
+def test_penultimate_features_follow_the_forward_order(tmp_path, monkeypatch):
+    name = f"ddm_head_first_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(
+        """
+        from torch import nn
+
+        class HeadFirst(nn.Module):
+            def __init__(self, d, c):
+                super().__init__()
+                self.head = nn.Linear(8, c)  # defined first, called last
+                self.body = nn.Sequential(nn.Flatten(), nn.Linear(d, 8), nn.ReLU())
+
+            def forward(self, x):
+                return self.head(self.body(x))
+
+        def build(shape, c):
+            return HeadFirst(int(shape[0]), c)
+        """
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        net = Network(ModelConfig(arch=f"{name}:build"), (5,), 3)
+        p = net.init_params(0)
+        x = torch.randn(4, 5)
+        assert net.features(p, x).shape == (4, 8)
+        assert torch.allclose(net.features(p, x), torch.relu(x @ p["body.1.weight"].T + p["body.1.bias"]))
+    finally:
+        sys.modules.pop(name, None)
