@@ -214,5 +214,5 @@ def print_validation(r: dict[str, Any]) -> None:
     )
     print(
         f"whole run (offline {r['ddm_offline_seconds']:.1f}s + online {r['ddm_online_seconds']:.1f}s) vs "
-        f"retraining all {r['units_total']} units: end-to-end speed-up {r['end_to_end_speedup']:.1f}x"
+        f"retraining all {r['units_total']} units: end-to-end speed-up {r['end_to_end_speedup']:.2g}x"
     )

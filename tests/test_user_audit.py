@@ -58,12 +58,14 @@ def test_user_cnn_string_labels_and_source_units_on_ray_then_validate(workdir: P
     train, test = slice(0, 360), slice(1500, 1560)
     sources = np.array([f"src-{i % 6}" for i in range(360)], dtype=object)
     sources[:30] = "src-mixed"  # a unit spanning classes
-    pq.write_table(pa.table({"pixels": list(x[train]), "label": NAMES[y[train]], "source": sources}),
+    # pixels as nested float lists of shape (1, 8, 8): the input shape comes from the data itself
+    pixels = x.reshape(-1, 1, 8, 8).tolist()
+    pq.write_table(pa.table({"pixels": pixels[train], "label": NAMES[y[train]], "source": sources}),
                    workdir / "train.parquet")
-    pq.write_table(pa.table({"pixels": list(x[test]), "label": NAMES[y[test]]}), workdir / "test.parquet")
+    pq.write_table(pa.table({"pixels": pixels[test], "label": NAMES[y[test]]}), workdir / "test.parquet")
     out = str(workdir / "run-ray")
     r = _cli(workdir, "run", "--train", "train.parquet", "--test", "test.parquet", "--x-column", "pixels",
-             "--y-column", "label", "--input-shape", "1,8,8", "--model", "mymodels:build", "--units-from", "source",
+             "--y-column", "label", "--model", "mymodels:build", "--units-from", "source",
              "--epochs", "4", "--num-cpus", "2", "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "complete: 7 units x 60 test samples" in r.stdout
@@ -80,7 +82,8 @@ def test_user_cnn_string_labels_and_source_units_on_ray_then_validate(workdir: P
     assert delta.shape == (7, 60) and np.isfinite(delta).all() and np.abs(delta).max() > 0
     ti = run.test_index().to_pydict()
     assert set(ti["label_name"]) <= set(NAMES) and ti["label_name"] == NAMES[y[test]].tolist()
-    assert run.manifest["execution"]["engine"] == "ray"
+    assert run.manifest["execution"]["engine"] == "ray" and run.manifest["data"]["input_shape"] == [1, 8, 8]
+    assert run.manifest["data"]["label_names"] == sorted(NAMES.tolist())
 
     v = _cli(workdir, "validate", "--out", out, "--engine", "ray", "--num-cpus", "2", "--quiet")
     assert v.returncode == 0, v.stderr[-3000:]

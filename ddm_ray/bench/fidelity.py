@@ -469,7 +469,7 @@ def render_report(r: dict[str, Any]) -> str:
         lines += [
             f"Whole DDM run (train + units {_f(w['train_and_units_s'], '.1f')} s, distill {_f(w['distill_s'], '.1f')} s, "
             f"online {_f(w['online_s'], '.1f')} s) against retraining all {c['units_total']} units "
-            f"({_f(w['retrain_all_s'], '.1f')} s): end-to-end speed-up {_f(w['end_to_end_speedup'], '.1f')}x.",
+            f"({_f(w['retrain_all_s'], '.1f')} s): end-to-end speed-up {_f(w['end_to_end_speedup'], '.2g')}x.",
             "",
         ]
     if "datamodel" in r:
