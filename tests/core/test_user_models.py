@@ -51,6 +51,23 @@ def usermod(tmp_path, monkeypatch):
     sys.modules.pop(name, None)
 
 
+@pytest.fixture()
+def write_module(tmp_path, monkeypatch):
+    """write_module(prefix, source) -> an importable module name holding `source`."""
+    names: list[str] = []
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(prefix: str, source: str) -> str:
+        name = f"{prefix}_{abs(hash(str(tmp_path))) % 10**8}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        names.append(name)
+        return name
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)
+
+
 def test_user_factory_builds_a_functional_network(usermod):
     net = Network(ModelConfig(arch=f"{usermod}:gn_cnn"), (1, 4, 4), 3)
     p0, p0_again, p1 = net.init_params(0), net.init_params(0), net.init_params(1)
@@ -89,10 +106,8 @@ def test_model_reference_syntax_is_checked():
         ModelConfig(arch="resnet")
 
 
-def test_a_forward_that_vmap_cannot_take_is_refused_before_training(tmp_path, monkeypatch):
-    name = f"ddm_branchy_{abs(hash(str(tmp_path))) % 10**8}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(
-        """
+def test_a_forward_that_vmap_cannot_take_is_refused_before_training(write_module):
+    name = write_module("ddm_branchy", """
         from torch import nn
 
         class Branchy(nn.Module):
@@ -108,20 +123,13 @@ def test_a_forward_that_vmap_cannot_take_is_refused_before_training(tmp_path, mo
 
         def build(shape, c):
             return Branchy(int(shape[0]), c)
-        """
-    ))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        with pytest.raises(ConfigError, match="per-sample gradients.*data-dependent control flow"):
-            Network(ModelConfig(arch=f"{name}:build"), (4,), 2)
-    finally:
-        sys.modules.pop(name, None)
+        """)
+    with pytest.raises(ConfigError, match="per-sample gradients.*data-dependent control flow"):
+        Network(ModelConfig(arch=f"{name}:build"), (4,), 2)
 
 
-def test_penultimate_features_follow_the_forward_order(tmp_path, monkeypatch):
-    name = f"ddm_head_first_{abs(hash(str(tmp_path))) % 10**8}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(
-        """
+def test_penultimate_features_follow_the_forward_order(write_module):
+    name = write_module("ddm_head_first", """
         from torch import nn
 
         class HeadFirst(nn.Module):
@@ -135,14 +143,9 @@ def test_penultimate_features_follow_the_forward_order(tmp_path, monkeypatch):
 
         def build(shape, c):
             return HeadFirst(int(shape[0]), c)
-        """
-    ))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        net = Network(ModelConfig(arch=f"{name}:build"), (5,), 3)
-        p = net.init_params(0)
-        x = torch.randn(4, 5)
-        assert net.features(p, x).shape == (4, 8)
-        assert torch.allclose(net.features(p, x), torch.relu(x @ p["body.1.weight"].T + p["body.1.bias"]))
-    finally:
-        sys.modules.pop(name, None)
+        """)
+    net = Network(ModelConfig(arch=f"{name}:build"), (5,), 3)
+    p = net.init_params(0)
+    x = torch.randn(4, 5)
+    assert net.features(p, x).shape == (4, 8)
+    assert torch.allclose(net.features(p, x), torch.relu(x @ p["body.1.weight"].T + p["body.1.bias"]))
