@@ -152,8 +152,10 @@ def test_kill_9_mid_online_then_resume_gives_exactly_once_rows(ray_runtime: Path
         proc.wait(timeout=30)
     store = RunStore(str(out))
     assert store.read_json(RunStore.MANIFEST)["status"] == "running"
-    n_parts_before = len(store.parts())
-    assert 2 <= n_parts_before < 10
+    # the parts a resume keeps: written and recorded (a kill between a part and its checksum record
+    # leaves a part the resume recomputes)
+    n_parts_before = sum(store.part_problem(n, store.part_record(n), 8 * 3) is None for n in store.parts())
+    assert 1 <= n_parts_before < 10
 
     # resume on the Ray engine (a different engine than the interrupted run; rows must not change)
     assert main(["run", "--engine", "ray", "--resume", "--out", str(out), *settings]) == 0
