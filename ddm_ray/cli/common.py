@@ -18,16 +18,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,28,28, got {text!r}") from None
-    if not dims or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,28,28, got {text!r}")
-    return dims
-
-
 def _kv(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
