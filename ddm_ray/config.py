@@ -21,6 +21,7 @@ ARCHS = ("mlp", "convnet")
 OBJECTIVES = ("loss", "margin", "correct")
 DISTILL_METHODS = ("basis", "soft_label", "literal")
 TARGETS = ("unrolled", "influence", "blend")
+PROBE_POOLS = ("test", "train", "both")
 TARGET_SOLVERS = ("auto", "adjoint", "forward")
 UNIT_FEATURES = ("input", "penultimate")
 
@@ -151,8 +152,9 @@ class DistillConfig:
 
     method:
       basis (default): every unit's leave-one-out displacement is estimated offline in the probe
-        subspace (the top `probe_rank` directions spanned by the loss gradients of `probe_samples`
-        class-stratified training samples) by `target`; each unit's synset is then a weighting of
+        subspace (the top `probe_rank` directions, fewer when `probe_energy` is reached, spanned by
+        the loss gradients of `probe_samples` class-stratified samples of the `probe_pool`: the
+        test set by default) by `target`; each unit's synset is then a weighting of
         the shared probe samples, solved in closed form, whose one descent step from the final
         model reproduces that displacement (`core.distill.basis_synset`).
       soft_label: paper-style reverse gradient matching of -grad L(theta_{t+s}; S) to
@@ -161,22 +163,32 @@ class DistillConfig:
     target (basis):
       unrolled: unrolled SGD influence over the trajectory (Hara et al. 2019);
       influence: influence function with the Hessian projected on the probe subspace;
-      blend: w * unrolled + (1 - w) * influence, w = blend_weight, or when that is None the w of
-        (0, 0.25, 0.5, 0.75, 1) whose rows agree best with exact retraining of `calibration_units`
-        seeded units (a converged model gets some influence, an unconverged one none).
+      blend: w * unrolled + (1 - w) * influence, w = blend_weight, or when that is None (default)
+        fitted: the non-negative lengths of the unrolled piece and of the influence piece (on the
+        adjoint's directions and on the rest) that bring the target closest to V^T D of
+        `calibration_units` seeded units retrained exactly (`core.targets.fit_target`).
+    The unrolled target's adjoint runs on the `unrolled_rank` leading directions only (its cost
+    is one fused pass per direction and training step); the influence target covers all k.
     """
 
     method: str = opt("basis", "basis (default) | soft_label | literal", flag="distill-method", choices=DISTILL_METHODS)
     target: str = opt("blend", "basis target: blend | unrolled | influence", choices=TARGETS)
     target_solver: str = opt("auto", "unrolled target: adjoint (cost flat in units) | forward (per unit) | auto",
                              choices=TARGET_SOLVERS)
-    probe_samples: int = opt(1024, "basis: class-stratified probe samples (the synsets' shared pool)")
-    probe_rank: int = opt(128, "basis: probe subspace dimension k")
+    probe_samples: int = opt(1024, "basis: class-stratified probe samples per pool source (the synsets' shared pool)")
+    probe_pool: str = opt("test", "basis: samples whose loss gradients span the subspace and form the pool: "
+                          "test (what a removal's effect is measured on) | train | both", choices=PROBE_POOLS)
+    probe_rank: int = opt(256, "basis: most probe subspace directions k")
+    unrolled_rank: int = opt(128, "basis: the unrolled target (adjoint) runs on this many leading directions; "
+                             "the influence target covers the rest")
+    probe_energy: float | None = opt(0.99, "basis: fewer directions when they hold this share of the probe "
+                                     "gradients' energy (default 0.99; none: always probe_rank)")
     probe_norm: float = opt(0.5, "basis: probe gradients divided by their norm ** this")
     ridge: float = opt(1e-3, "basis: shrinkage of weak probe directions (x largest)", flag="basis-ridge")
     influence_damping: float = opt(0.005, "influence: damping relative to the largest curvature")
-    blend_weight: float | None = opt(None, "blend: weight of the unrolled target (default: calibrated on exact retrainings)")
-    calibration_units: int = opt(4, "blend calibration: units retrained exactly to choose the weight")
+    blend_weight: float | None = opt(None, "blend: weight of the unrolled target (default: the targets' lengths "
+                                     "fitted on exact retrainings)")
+    calibration_units: int = opt(8, "blend calibration: units retrained exactly to fit the targets' lengths")
     unroll_epochs: int | None = opt(None, "unroll only the last N epochs (default: all)")
     ipc: int = opt(4, "soft_label/literal: synthetic samples per unit")
     steps: int = opt(300, "soft_label/literal: matching steps", flag="distill-steps")
@@ -196,7 +208,10 @@ class DistillConfig:
         _check(self.unroll_epochs is None or self.unroll_epochs >= 1, "unroll epochs must be >= 1")
         _check(1 <= self.probe_samples <= 65536, "probe samples must be in [1, 65536]")
         _check(1 <= self.probe_rank <= 4096, "probe rank must be in [1, 4096]")
+        _check(1 <= self.unrolled_rank <= 4096, "unrolled rank must be in [1, 4096]")
         _check(self.probe_norm >= 0, "probe norm must be >= 0")
+        _check(self.probe_pool in PROBE_POOLS, f"probe pool must be one of {PROBE_POOLS}")
+        _check(self.probe_energy is None or 0 < self.probe_energy <= 1, "probe energy must be in (0, 1]")
         _check(0 <= self.ridge < 1, "ridge must be in [0, 1)")
         _check(self.influence_damping > 0, "influence damping must be > 0")
         _check(self.blend_weight is None or 0 <= self.blend_weight <= 1, "blend weight must be in [0, 1]")

@@ -27,14 +27,16 @@ from ddm_ray.core.distill import basis_synset, distill_class
 from ddm_ray.core.metrics import pearson, spearman
 from ddm_ray.core.models import Network, Params, flatten
 from ddm_ray.core.online import base_objectives, evaluate_units
-from ddm_ray.core.probe import ProbeBasis, probe_basis, select_probes
+from ddm_ray.core.probe import ProbeBasis, probe_basis, probe_pool
 from ddm_ray.core.synset import Synset
 from ddm_ray.core.targets import (
     InfluencePieces,
     blend,
+    fit_target,
     forward_unrolled_projected,
     influence_pieces,
     influence_target,
+    target_features,
 )
 from ddm_ray.core.training import Trajectory, retrain_without
 from ddm_ray.engine.progress import Progress
@@ -174,7 +176,9 @@ SavePiece = Callable[[str, dict[str, torch.Tensor]], None]
 def memory_estimate(cfg: RunConfig, off: Offline, rank: int, shards: list[Shard]) -> str:
     """What distillation holds at its peak (float32 bytes), logged before it starts."""
     p = int(flatten(off.traj.final).numel())
-    m = min(cfg.distill.probe_samples, int(off.dataset.y_train.numel()))
+    d, ds = cfg.distill, off.dataset
+    m = (min(d.probe_samples, int(ds.y_train.numel())) if d.probe_pool != "test" else 0) + (
+        min(d.probe_samples, int(ds.y_test.numel())) if d.probe_pool != "train" else 0)
     subspace = 4 * (2 * m * p + p * rank) + 8 * m * m
     widest = max((sh.hi - sh.lo for sh in shards if sh.kind == "columns"), default=0)
     units = max((sh.hi - sh.lo for sh in shards if sh.kind == "units"), default=0)
@@ -191,9 +195,11 @@ def subspace_of(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str, 
     net.module.to(dev)
     final = {k: v.to(dev) for k, v in off.traj.final.items()}
     x, y = ds.x_train.to(dev), ds.y_train.to(dev)
-    index = select_probes(ds.y_train, ds.num_classes, d.probe_samples, d.seed)
-    basis = probe_basis(net, final, x, y, index, d.probe_rank, d.probe_norm)
-    state = {"index": basis.index, "v": basis.v, "coef": basis.coef, "lam": basis.lam}
+    index, test_index = probe_pool(ds.y_train, ds.y_test, ds.num_classes, d.probe_samples, d.seed, d.probe_pool)
+    basis = probe_basis(net, final, x, y, index, d.probe_rank, d.probe_norm, energy=d.probe_energy,
+                        x_test=ds.x_test.to(dev), y_test=ds.y_test.to(dev), test_index=test_index)
+    state = {"index": basis.index, "test_index": test_index, "v": basis.v, "coef": basis.coef, "lam": basis.lam,
+             "energy": torch.tensor(basis.energy)}
     if d.target in ("influence", "blend"):
         pieces = influence_pieces(
             net, final, x, y, off.units.unit_of.to(dev), off.units.num_units, basis.v, cfg.train.weight_decay,
@@ -213,53 +219,63 @@ def _check_piece(key: str, piece: dict[str, torch.Tensor]) -> None:
             raise NonFiniteError(f"distill: non-finite {name} in {key}; lower --lr or normalise the inputs")
 
 
-BLEND_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
 def calibration_units(num_units: int, n: int, seed: int) -> list[int]:
     """A seeded sample of n units (ascending), the same for every run of a config."""
     gen = torch.Generator().manual_seed(seed + 4_242)
     return sorted(torch.randperm(num_units, generator=gen)[: min(n, num_units)].tolist())
 
 
-def exact_loss_deltas(cfg: RunConfig, off: Offline, units: list[int], device: str = "cpu") -> torch.Tensor:
-    """Exact leave-one-out Δ test loss of `units` by retraining: (len(units), N_test), CPU."""
+def exact_loss_deltas(
+    cfg: RunConfig, off: Offline, units: list[int], directions: torch.Tensor | None = None, device: str = "cpu",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact leave-one-out Δ test loss of `units` by retraining: (len(units), N_test), CPU; with
+    directions V (P, k) also the coordinates V^T D_u (len(units), k) of each exact displacement."""
     ds, dev = off.dataset, torch.device(device)
     net = Network(cfg.model, ds.input_shape, ds.num_classes)
     net.module.to(dev)
     p0 = {k: v.to(dev) for k, v in off.params0.items()}
+    final = {k: v.to(dev) for k, v in off.traj.final.items()}
     x, y, xt, yt = ds.x_train.to(dev), ds.y_train.to(dev), ds.x_test.to(dev), ds.y_test.to(dev)
-    base = base_objectives(net, {k: v.to(dev) for k, v in off.traj.final.items()}, xt, yt, ("loss",))[0]
-    rows = []
+    base = base_objectives(net, final, xt, yt, ("loss",))[0]
+    v = None if directions is None else directions.to(dev)
+    rows, coords = [], []
     with Progress(len(units), what="blend calibration", unit="retrainings", logger=_log) as bar:
         for u in units:
             p = retrain_without(net, p0, x, y, cfg.train, off.units.unit_of == u)
             rows.append(base_objectives(net, p, xt, yt, ("loss",))[0] - base)
+            if v is not None:
+                coords.append((flatten(p) - flatten(final)) @ v)
             bar.update(1)
-    return torch.stack(rows).cpu()
+    deltas = torch.stack(rows).cpu()
+    return deltas if v is None else (deltas, torch.stack(coords).cpu())
 
 
-def calibrate_blend(
+def calibrate_target(
     cfg: RunConfig, off: Offline, basis: ProbeBasis, unrolled: torch.Tensor, influence: torch.Tensor,
     call: Callable[..., Any],
-) -> tuple[float, dict[str, float]]:
-    """The unrolled weight of BLEND_GRID whose rows agree best with exact retraining of a few
-    seeded units (mean of Pearson and Spearman of Δ test loss); ties go to the unrolled side.
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The target of every unit (U, k) with the lengths of its pieces fitted to a few seeded units
+    retrained exactly (`core.targets.fit_target` against their V^T D), and what was fitted: the
+    coefficients and, on those units, the agreement of the fitted rows with exact Δ test loss.
 
-    The influence target assumes a converged model; the unrolled target models the run that
-    happened. Which mix is more faithful depends on the model, so it is measured, not assumed."""
+    Each estimate points the right way at its own wrong length (the unrolled one about half of
+    V^T D on real MNIST, the damped influence one a fifth), and which mix is more faithful
+    depends on the model and on how converged it is, so it is measured, not assumed."""
     d, ds = cfg.distill, off.dataset
     units = calibration_units(off.units.num_units, d.calibration_units, d.seed)
-    exact = call(exact_loss_deltas, cfg, off, units)
+    exact, coords = call(exact_loss_deltas, cfg, off, units, basis.v)
     idx = torch.tensor(units)
-    scores: dict[str, float] = {}
-    for w in BLEND_GRID:
-        syn = basis_synset(basis, idx, blend(unrolled[idx], influence[idx], w), cfg.online.lr, d.ridge, ds.num_classes)
-        got = evaluate_units(off.net, off.traj.final, syn, ds.x_test, ds.y_test, ("loss",), 1, cfg.online.lr)[0]
-        p, s = float(pearson(got, exact)), float(spearman(got, exact))
-        scores[str(w)] = round(0.5 * (p + s), 6) if p == p and s == s else -2.0
-    best = max(BLEND_GRID, key=lambda w: (round(scores[str(w)], 3), w))
-    return best, scores
+    features = target_features(unrolled, influence, min(basis.rank, d.unrolled_rank))
+    coef, c = fit_target(features, coords, idx)
+    syn = basis_synset(basis, idx, c[idx], cfg.online.lr, d.ridge, ds.num_classes)
+    got = evaluate_units(off.net, off.traj.final, syn, ds.x_test, ds.y_test, ("loss",), 1, cfg.online.lr)[0]
+    p, s = float(pearson(got, exact)), float(spearman(got, exact))
+    names = ["unrolled", "influence_on_unrolled_directions", "influence_on_the_rest"][: len(features)]
+    return c, {
+        "blend_fit": {n: round(float(a), 6) for n, a in zip(names, coef, strict=True)},
+        "blend_calibration": {"units": units, "pearson": round(p, 6) if p == p else None,
+                              "spearman": round(s, 6) if s == s else None},
+    }
 
 
 def distill_synsets(
@@ -287,31 +303,41 @@ def distill_synsets(
         state = load("subspace")
         if state is None:
             t0 = time.perf_counter()
-            log(f"distill: probe subspace ({d.probe_samples} probe samples, rank {d.probe_rank})")
+            log(f"distill: probe subspace (pool {d.probe_pool}, at most {d.probe_samples} samples per source, "
+                f"rank <= {d.probe_rank})")
             state = call(subspace_of, cfg, off)
             _check_piece("subspace", state)
             save("subspace", state)
             if timings is not None:
                 timings["distill_subspace"] = round(time.perf_counter() - t0, 3)  # part of "distill"
             log(f"distill: probe subspace in {time.perf_counter() - t0:.1f}s")
-        index = state["index"]
-        basis = ProbeBasis(index, ds.x_train[index], ds.y_train[index], state["v"], state["coef"], state["lam"])
+        index, test_index = state["index"], state.get("test_index", torch.zeros(0, dtype=torch.int64))
+        basis = ProbeBasis(
+            index, torch.cat([ds.x_train[index], ds.x_test[test_index]]),
+            torch.cat([ds.y_train[index], ds.y_test[test_index]]), state["v"], state["coef"], state["lam"],
+            test_index, float(state["energy"]) if "energy" in state else float("nan"),
+        )
+        log(f"distill: probe subspace of rank {basis.rank} ({basis.energy:.3f} of the probe gradients' energy)")
         pieces = InfluencePieces(state["h"], state["g"]) if "h" in state else None
     rank = 0 if basis is None else basis.rank
-    shards = plan_shards(cfg, off.units.num_units, ds.num_classes, rank, n_shards)
+    urank = min(rank, d.unrolled_rank)  # the adjoint's leading directions
+    shards = plan_shards(cfg, off.units.num_units, ds.num_classes, urank, n_shards)
     if info is not None:
         info.update({"method": d.method, "shards": len(shards)})
         if basis is not None:
-            info.update({"target": d.target, "probe_samples": int(basis.index.numel()), "probe_rank": rank,
+            info.update({"target": d.target, "probe_pool": d.probe_pool,
+                         "probe_samples": int(basis.x.shape[0]), "probe_rank": rank,
+                         "probe_energy": round(basis.energy, 6),
+                         "unrolled_rank": None if d.target == "influence" else urank,
                          "solver": None if d.target == "influence"
-                         else unrolled_solver(d.target_solver, off.units.num_units, rank)})
+                         else unrolled_solver(d.target_solver, off.units.num_units, urank)})
     log(memory_estimate(cfg, off, rank, shards) + f"; {len(shards)} shard(s)")
     have = {sh.key: got for sh in shards if (got := load(sh.key)) is not None}
     missing = [sh for sh in shards if sh.key not in have]
     if missing:
         job = DistillJob(
             cfg, ds.input_shape, ds.num_classes, off.params0, off.traj, ds.x_train, ds.y_train,
-            off.units.unit_of, off.units.label, None if basis is None else basis.v,
+            off.units.unit_of, off.units.label, None if basis is None else basis.v[:, :urank].contiguous(),
         )
         classes = all(sh.kind == "classes" for sh in missing)
         pieces_due = sum(sh.hi - sh.lo for sh in missing) if classes else len(missing)
@@ -326,19 +352,24 @@ def distill_synsets(
         order = torch.argsort(syn.unit_ids)
         syn = Synset(syn.unit_ids[order], syn.x, syn.label, syn.weight[order])
     else:
-        unrolled = assemble_unrolled(shards, have, off.units.num_units, rank) if d.target != "influence" else None
+        unrolled = None
+        if d.target != "influence":
+            unrolled = torch.zeros(off.units.num_units, rank)
+            unrolled[:, :urank] = assemble_unrolled(shards, have, off.units.num_units, urank)
         influence = None if pieces is None else influence_target(pieces, d.influence_damping)
-        weight = d.blend_weight
-        if d.target == "blend" and weight is None and unrolled is not None and influence is not None:
+        if d.target == "blend" and d.blend_weight is None and unrolled is not None and influence is not None:
             t0 = time.perf_counter()
-            log(f"distill: calibrating the blend on {d.calibration_units} exact retrainings")
-            weight, scores = calibrate_blend(cfg, off, basis, unrolled, influence, call)
-            log(f"blend calibrated on {d.calibration_units} exact retrainings: unrolled weight {weight}")
+            log(f"distill: fitting the targets' lengths on {d.calibration_units} exact retrainings")
+            c, fitted = calibrate_target(cfg, off, basis, unrolled, influence, call)
+            log(f"targets fitted on {d.calibration_units} exact retrainings: {fitted['blend_fit']} "
+                f"(Δ loss on those units: pearson {fitted['blend_calibration']['pearson']}, "
+                f"spearman {fitted['blend_calibration']['spearman']})")
             if info is not None:
-                info.update({"blend_weight": weight, "blend_calibration": scores})
+                info.update(fitted)
             if timings is not None:
                 timings["distill_calibration"] = round(time.perf_counter() - t0, 3)  # part of "distill"
-        c = blend(unrolled, influence, 1.0 if weight is None else weight)
+        else:
+            c = blend(unrolled, influence, 1.0 if d.blend_weight is None else d.blend_weight)
         syn = basis_synset(basis, torch.arange(off.units.num_units), c, cfg.online.lr, d.ridge, ds.num_classes)
     problem = syn.check(ds.input_shape, ds.num_classes)
     if problem is not None:

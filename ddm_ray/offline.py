@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import torch
 
 from ddm_ray.config import RunConfig
 from ddm_ray.core.models import Network, Params
+from ddm_ray.core.stability import stability_report
 from ddm_ray.core.training import Trajectory, train
 from ddm_ray.core.units import Units, make_units, units_from_column
 from ddm_ray.data import Dataset
@@ -82,6 +84,16 @@ def train_offline(cfg: RunConfig, dataset: Dataset, device: str = "cpu") -> Offl
     """The offline stage's first half (see `train_and_units`) as an `Offline`."""
     params0, traj, units = train_and_units(cfg, dataset, device)
     return Offline(dataset, Network(cfg.model, dataset.input_shape, dataset.num_classes), params0, traj, units)
+
+
+def stability_of(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str, Any]:
+    """The training-stability figures (`core.stability.stability_report`) of the trained run, on
+    `device`: the top Hessian eigenvalue at a few checkpoints against 2 (1 + momentum) / lr."""
+    dev = torch.device(device)
+    net = Network(cfg.model, off.dataset.input_shape, off.dataset.num_classes)
+    net.module.to(dev)
+    cps = [{k: v.to(dev) for k, v in p.items()} for p in off.traj.checkpoints]
+    return stability_report(net, cps, off.dataset.x_train.to(dev), off.dataset.y_train.to(dev), cfg.train)
 
 
 def _unit_names(units: Units, ds: Dataset) -> list[str]:

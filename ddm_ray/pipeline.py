@@ -30,7 +30,7 @@ from ddm_ray.core.units import Units
 from ddm_ray.data import Dataset, load_dataset
 from ddm_ray.distillation import DistillJob, Shard, distill_synsets
 from ddm_ray.errors import InputError, RunStateError
-from ddm_ray.offline import Offline, test_index_table, train_and_units, units_table
+from ddm_ray.offline import Offline, stability_of, test_index_table, train_and_units, units_table
 from ddm_ray.online_stage import Block, OnlineJob, online_batch_for
 from ddm_ray.store.lease import LEASE, Lease
 from ddm_ray.store.run_store import RunStore
@@ -127,6 +127,7 @@ class Run:
         self.data_info: dict[str, Any] = {}  # input shape and the classes as the data names them
         self.model_fingerprint: str | None = None
         self.distillation: dict[str, Any] = {}
+        self.stability: dict[str, Any] | None = None
         self.part_records: dict[str, Any] = {}  # part name -> rows, sha256, bytes (once complete)
 
     def _stage(self, name: str, t0: float) -> None:
@@ -147,6 +148,7 @@ class Run:
             "counts": counts,
             "parts": self.part_records,
             "distillation": self.distillation,
+            "stability": self.stability,
             "execution": {
                 "engine": self.exe.engine,
                 "online_batch": self.online_batch,
@@ -279,6 +281,14 @@ class Run:
             self.store.remove("artifacts")
             self.store.remove(RunStore.VALIDATION)
         off = self._offline(dataset, resume)
+        t0 = time.perf_counter()
+        self.stability = self.executor.call(stability_of, self.cfg, off)
+        self._stage("stability", t0)
+        if self.stability.get("unstable"):
+            logging.getLogger(__name__).warning("warning: " + self.stability["warning"])
+        else:
+            self.log(f"stability: top Hessian eigenvalue {max(map(abs, self.stability['top_eigenvalue'])):.3g} "
+                     f"within the limit 2(1+momentum)/lr = {self.stability['limit']:.3g}")
         syn = self._synsets(off, resume, n_shards)
         n_units = off.units.num_units
         names = self.cfg.online.objectives
@@ -309,6 +319,14 @@ class Run:
             if bar is not None:
                 bar.close()
         self._stage("online", t0)
+        train_s = self.timings.get("train_and_units")
+        if train_s and "distill" in self.timings:
+            # the offline stage's cost in trainings (training + units counted as one training)
+            offline_tr = (self.timings["distill"] + self.timings.get("stability", 0.0)) / train_s
+            self.distillation["distill_trainings"] = round(offline_tr, 3)
+            self.log(f"cost: distillation took {offline_tr:.1f} trainings; retraining every unit would take "
+                     f"{n_units}, so this run {'beats' if offline_tr + 1 < n_units else 'does not beat'} "
+                     f"exact leave-one-out (break-even at about {offline_tr + 1:.0f} units)")
         records = {name: self.store.part_record(name) for name in sorted(expected)}
         bad = {n: p for n, r in records.items() if (p := self.store.part_problem(n, r, rows_of[n])) is not None}
         if bad:

@@ -10,6 +10,7 @@ shared with the fidelity benchmark; it reports units retrained, rate and ETA.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -111,6 +112,33 @@ def _scores(pred: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     return agreement(pred, exact, "per_test_mean")
 
 
+NOISE_SEED_STRIDE = 7_919  # noise seed i trains under seed + i * stride (init and data order)
+
+
+def noise_ceiling(
+    fan: FanOut, job: RetrainJob, net: Network, keeps: torch.Tensor, exact_loss: torch.Tensor, seeds: int,
+    y_test: torch.Tensor,
+) -> dict[str, Any]:
+    """How well exact leave-one-out agrees with itself: the same units removed under `seeds` other
+    seeds (another init and data order), each Δ test loss (U, N) scored against the run's own
+    exact Δ test loss exact_loss (U, N). Returns the mean Pearson / Spearman over the seeds, each
+    seed's figures and the seeds used. A DDM figure well above it describes one training run
+    (same-seed leave-one-out is deterministic), not the data."""
+    per_seed = []
+    for i in range(1, seeds + 1):
+        seed = job.cfg.train.seed + i * NOISE_SEED_STRIDE
+        cfg = dataclasses.replace(job.cfg, train=dataclasses.replace(job.cfg.train, seed=seed))
+        other = dataclasses.replace(job, cfg=cfg, params0=net.init_params(seed))
+        rows = torch.cat([torch.ones(1, keeps.shape[1], dtype=torch.bool), keeps])  # the full model first
+        logits, _ = retrain_logits(fan, other, rows, chunk=1, what=f"validate: noise seed {i}/{seeds}",
+                                   unit="models")
+        loss = all_objectives(logits, y_test, ("loss",))[0]
+        s = agreement(loss[1:] - loss[:1], exact_loss, "per_test_mean")
+        per_seed.append({"seed": seed, "pearson": s["pearson"], "spearman": s["spearman"]})
+    mean = {k: float(sum(r[k] for r in per_seed) / len(per_seed)) for k in ("pearson", "spearman")}
+    return {**mean, "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed}
+
+
 def validate_run(
     out: str,
     n_units: int | None,
@@ -119,9 +147,11 @@ def validate_run(
     log: Callable[[str], None] | None = None,
     engine: str = "ray",
     num_cpus: int | None = None,
+    noise_seeds: int = 0,
 ) -> dict[str, Any]:
     """Score `n_units` seeded units of the complete run in `out` (all when None) against exact
-    retraining, with the gradient-ascent peer beside DDM; writes and returns validation.json."""
+    retraining, with the gradient-ascent peer beside DDM; writes and returns validation.json.
+    noise_seeds N > 0 also retrains the same units under N other seeds: the noise ceiling."""
     log = log or _log.info
     run = open_run(out, storage_options)
     cfg, store, manifest = run_config(run), run.store, run.manifest
@@ -143,7 +173,14 @@ def validate_run(
     keeps = torch.stack([unit_of != u for u in units])
     with FanOut(engine, num_cpus) as fan:
         logits, t_retrain = retrain_logits(fan, job, keeps, chunk=1, what="validate: exact retraining", unit="units")
-    exact_t = all_objectives(logits, ds.y_test, names) - base[:, None, :]  # (n_obj, U, N)
+        exact_t = all_objectives(logits, ds.y_test, names) - base[:, None, :]  # (n_obj, U, N)
+        ceiling = None
+        if noise_seeds > 0:
+            log(f"noise ceiling: retraining the {len(units)} units under {noise_seeds} other seed(s)")
+            exact_loss = exact_t[names.index("loss")] if "loss" in names else (
+                all_objectives(logits, ds.y_test, ("loss",))[0]
+                - base_objectives(net, traj.final, ds.x_test, ds.y_test, ("loss",))[0][None, :])
+            ceiling = noise_ceiling(fan, job, net, keeps, exact_loss, noise_seeds, ds.y_test)
     inp = peers.PeerInputs(net, state["params0"], traj, ds.x_train, ds.y_train, unit_of, unit_label, cfg.train,
                            ds.x_test, ds.y_test, names)
     ga = peers.gradient_ascent(inp, units)
@@ -156,7 +193,7 @@ def validate_run(
     timings = manifest.get("timings_seconds", {})
     n_total = manifest["counts"]["units"]
     online_total = float(timings.get("online", float("nan")))
-    offline_total = sum(float(timings.get(k, 0.0)) for k in ("train_and_units", "distill"))
+    offline_total = sum(float(timings.get(k, 0.0)) for k in ("train_and_units", "stability", "distill"))
     ddm_s = online_total / n_total
     offline_s = offline_total / n_total
     retrain_s = t_retrain / len(units)
@@ -182,7 +219,11 @@ def validate_run(
         "ddm_online_seconds": online_total,
         "end_to_end_speedup": n_total * retrain_s / whole if whole > 0 else float("inf"),
         "exact_delta_loss_std": float(exact_t[0].std()),
+        "noise_ceiling": ceiling,
     }
+    stability = manifest.get("stability")
+    if stability is not None:
+        report["stability"] = stability
     store.write_json(RunStore.VALIDATION, finite(report))
     return report
 
@@ -207,6 +248,15 @@ def print_validation(r: dict[str, Any]) -> None:
                 f"{name:<10} {method:<17} {s['pearson']:>8.3f} {s['spearman']:>9.3f} "
                 f"{s['pearson_per_test_mean']:>11.3f} {s['spearman_per_test_mean']:>11.3f}"
             )
+    nc = r.get("noise_ceiling")
+    if nc:
+        print(
+            f"noise ceiling (exact leave-one-out against itself under {len(nc['seeds'])} other seed(s)), Δ loss: "
+            f"pearson {nc['pearson']:.3f}, spearman {nc['spearman']:.3f}"
+        )
+    st = r.get("stability")
+    if st and st.get("unstable"):
+        print(f"warning: {st['warning']}")
     print(
         f"seconds per unit: ddm online {r['ddm_seconds_per_unit']:.5f}, "
         f"ddm offline (amortised) {r['ddm_offline_seconds_per_unit']:.4f}, "

@@ -1,7 +1,14 @@
-"""The probe subspace: the parameter directions in which training data can move the model.
+"""The probe subspace: the parameter directions in which a removal's effect is measured.
 
-A capped, class-stratified draw of M training samples (the *probes*) gives per-sample loss
-gradients at the final model, G (M, P). Each row is divided by its norm ** `norm_power` (so that
+A removal's effect on the test objectives is, to first order, grad f(x) . D_u for every test
+sample x, so the directions that matter are the ones the *test* samples' gradients span: a
+displacement projected on them keeps every test sample's first-order change. The probe pool is
+therefore, by default, a capped class-stratified draw of the test samples (`probe_pool` "test";
+"train" draws training samples as before, "both" stacks the two). Measured on a real 28x28 MNIST
+sample (MLP, 76 units, exact D projected and evaluated): test pool 0.92 / 0.61 Pearson /
+Spearman of Δ loss at k = 128, training pool 0.79 / 0.36 (docs/method.md).
+
+The M pool samples (the *probes*) give per-sample loss gradients at the final model, G (M, P). Each row is divided by its norm ** `norm_power` (so that
 a few high-loss samples do not own the subspace), and the top-k right singular vectors of that
 matrix form an orthonormal basis V (P, k), computed from the M x M Gram matrix:
 
@@ -30,9 +37,11 @@ from ddm_ray.core.models import Network, Params, flatten, unflatten
 class ProbeBasis:
     """Probe samples and the orthonormal subspace their gradients span.
 
-    index (M,) training indices of the probes; x (M, *input_shape), y (M,);
-    v (P, k) orthonormal directions; coef (M, k) with v = G^T coef (G the raw per-sample
-    gradients, (M, P)); lam (k,) the Gram eigenvalues kept (descending).
+    index (M_train,) training indices of the training probes and test_index (M_test,) test
+    positions of the test probes, M = M_train + M_test; x (M, *input_shape), y (M,) the pool,
+    training probes first; v (P, k) orthonormal directions; coef (M, k) with v = G^T coef (G the
+    raw per-sample gradients, (M, P)); lam (k,) the Gram eigenvalues kept (descending); energy
+    the fraction of the (normalised) gradients' squared norm the k directions hold.
     """
 
     index: torch.Tensor
@@ -41,6 +50,8 @@ class ProbeBasis:
     v: torch.Tensor
     coef: torch.Tensor
     lam: torch.Tensor
+    test_index: torch.Tensor | None = None
+    energy: float = float("nan")
 
     @property
     def rank(self) -> int:
@@ -95,6 +106,22 @@ def select_probes(y: torch.Tensor, num_classes: int, total: int, seed: int) -> t
     return torch.sort(torch.cat([pools[c][: take[c]] for c in range(num_classes)])).values
 
 
+POOLS = ("test", "train", "both")
+
+
+def probe_pool(
+    y_train: torch.Tensor, y_test: torch.Tensor, num_classes: int, total: int, seed: int, pool: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, test positions) of the probe pool: at most `total` class-stratified
+    samples from each source the pool names ("test", "train" or "both")."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown probe pool {pool!r}")
+    empty = torch.zeros(0, dtype=torch.int64)
+    train = select_probes(y_train, num_classes, total, seed) if pool in ("train", "both") else empty
+    test = select_probes(y_test, num_classes, total, seed + 1) if pool in ("test", "both") else empty
+    return train, test
+
+
 def probe_basis(
     net: Network,
     final: Params,
@@ -104,15 +131,28 @@ def probe_basis(
     rank: int,
     norm_power: float = 0.5,
     rel_eig_floor: float = 1e-7,
+    energy: float | None = None,
+    x_test: torch.Tensor | None = None,
+    y_test: torch.Tensor | None = None,
+    test_index: torch.Tensor | None = None,
 ) -> ProbeBasis:
-    """Build the probe subspace from the probes x[index], y[index] at the final model.
+    """Build the probe subspace at the final model from the pool: the training probes
+    x[index], y[index] followed by the test probes x_test[test_index], y_test[test_index].
 
     rank: at most this many directions; fewer when the Gram spectrum falls below
-    rel_eig_floor * largest eigenvalue (numerically absent directions are never kept).
+    rel_eig_floor * largest eigenvalue (numerically absent directions are never kept), and,
+    with `energy` set, the fewest that hold that fraction of the normalised gradients' energy.
     """
     dev = x.device
     index = index.to(dev)
     xp, yp = x[index], y[index]
+    if test_index is not None and test_index.numel() > 0:
+        if x_test is None or y_test is None:
+            raise ValueError("test probes need x_test and y_test")
+        test_index = test_index.to(dev)
+        xp, yp = torch.cat([xp, x_test[test_index]]), torch.cat([yp, y_test[test_index]])
+    if xp.shape[0] == 0:
+        raise ValueError("the probe pool is empty")
     g = per_sample_grads(net, final, xp, yp)  # (M, P) float32
     norms = g.norm(dim=1).clamp_min(1e-12)
     scale = norms.pow(-norm_power) if norm_power > 0 else torch.ones_like(norms)
@@ -124,8 +164,14 @@ def probe_basis(
     sign = torch.where(u.gather(0, u.abs().argmax(0, keepdim=True))[0] < 0, -1.0, 1.0).to(u.dtype)
     u = u * sign[None, :]
     keep = int(min(rank, int((lam > rel_eig_floor * lam[0].clamp_min(1e-300)).sum())))
+    share = lam.clamp_min(0).cumsum(0) / lam.clamp_min(0).sum().clamp_min(1e-300)  # (M,) captured energy
+    if energy is not None:
+        keep = min(keep, int((share < energy).sum()) + 1)
     keep = max(keep, 1)
     lam_k, u_k = lam[:keep], u[:, :keep]
     coef = (u_k * scale.double()[:, None] / lam_k.clamp_min(1e-300).sqrt()[None, :])  # (M, k)
     v = (g.T @ coef.to(g.dtype))  # (P, k) = G_n^T U_k lam^-1/2
-    return ProbeBasis(index=index.cpu(), x=xp, y=yp, v=v, coef=coef.to(g.dtype), lam=lam_k.to(g.dtype))
+    return ProbeBasis(
+        index=index.cpu(), x=xp, y=yp, v=v, coef=coef.to(g.dtype), lam=lam_k.to(g.dtype),
+        test_index=None if test_index is None else test_index.cpu(), energy=float(share[keep - 1]),
+    )
