@@ -42,3 +42,33 @@ def test_blend_weights_and_single_targets():
     assert blend(a, None, 0.5) is a and blend(None, b, 0.5) is b
     pieces = InfluencePieces(torch.diag(torch.tensor([2.0, -4.0])), torch.tensor([[2.0, 4.0]]))
     torch.testing.assert_close(influence_target(pieces, 0.0), torch.tensor([[1.0, 1.0]]))  # |eig|
+
+
+def test_fit_target_recovers_known_lengths_and_never_flips_a_piece():
+    from ddm_ray.core.targets import fit_target, target_features
+
+    gen = torch.Generator().manual_seed(0)
+    unrolled = torch.randn(12, 6, generator=gen)
+    unrolled[:, 4:] = 0  # the adjoint ran on the 4 leading directions
+    influence = torch.randn(12, 6, generator=gen)
+    feats = target_features(unrolled, influence, lead_rank=4)
+    assert len(feats) == 3 and bool((feats[1][:, 4:] == 0).all()) and bool((feats[2][:, :4] == 0).all())
+    exact = 0.5 * feats[0] + 2.0 * feats[1] + 3.0 * feats[2]
+    rows = torch.tensor([0, 3, 5, 7])
+    coef, c = fit_target(feats, exact[rows], rows)
+    torch.testing.assert_close(coef, torch.tensor([0.5, 2.0, 3.0]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(c, exact, atol=1e-4, rtol=1e-4)  # every unit, not only the fitted rows
+    # a piece that points the wrong way gets length 0, never a negative one
+    coef, _ = fit_target(feats, (0.5 * feats[0] - 2.0 * feats[1] + 3.0 * feats[2])[rows], rows)
+    assert bool((coef >= 0).all()) and float(coef[1]) == 0.0, coef
+
+
+def test_fit_target_with_one_piece_and_nothing_to_fit():
+    from ddm_ray.core.targets import fit_target, target_features
+
+    influence = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    feats = target_features(None, influence)
+    coef, c = fit_target(feats, 4.0 * influence[:2], torch.tensor([0, 1]))
+    torch.testing.assert_close(coef, torch.tensor([4.0]))
+    coef, c = fit_target(feats, torch.zeros(2, 3), torch.tensor([0, 1]))  # no signal: unscaled piece
+    torch.testing.assert_close(c, influence)

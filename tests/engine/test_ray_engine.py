@@ -91,9 +91,9 @@ def test_distill_shards_spread_over_actors_pinned_to_logical_gpus(ray_runtime: P
     gpus = [ids for ids in executor.actor_gpu_ids.values()]
     assert all(len(ids) == 1 for ids in gpus), "each distillation actor holds exactly one GPU"
     assert len({str(ids[0]) for ids in gpus}) == 2, "two actors on two distinct GPUs"
-    # training + k-means, the probe subspace and the blend calibration's exact retrainings: each ran
-    # as a task holding one GPU
-    assert len(executor.call_gpu_ids) == 3 and all(len(ids) == 1 for ids in executor.call_gpu_ids)
+    # training + k-means, the stability check, the probe subspace and the calibration's exact
+    # retrainings: each ran as a task holding one GPU
+    assert len(executor.call_gpu_ids) == 4 and all(len(ids) == 1 for ids in executor.call_gpu_ids)
     local = tmp_path / "local"
     assert main(["run", *TINY, "--engine", "local", "--target-solver", solver, "--probe-rank", "32",
                  "--out", str(local)]) == 0
