@@ -334,11 +334,24 @@ def _summary(run: AuditRun, frame: _Frame, samples: _Samples, sample_note: str, 
         f"<div><h3>Stage timings (seconds)</h3>{_table(('stage', 'seconds'), timing_rows)}</div>",
         "<div><h3>Fidelity</h3>" + _fidelity(validation) + "</div>",
         "</div>",
+        _stability(m.get("stability")),
         f'<h3>Config <span class="note">(hash {_e(m.get("config_hash", "?"))})</span></h3>',
         _table(("section", "settings"), config_rows, "config"),
         f'<p class="note" id="sample-note">{_e(sample_note)}</p></section>',
     ]
     return "".join(parts)
+
+
+def _stability(st: dict[str, Any] | None) -> str:
+    """The training-stability line; a warning box when training ran past its limit."""
+    if not st:
+        return ""
+    eig = ", ".join(f"epoch {e}: {_fmt(x)}" for e, x in zip(st.get("epochs", []), st.get("top_eigenvalue", []), strict=False))
+    line = (f"Training stability: top Hessian eigenvalue {eig} against the limit "
+            f"{_fmt(st.get('limit', '?'))} = {st.get('limit_rule', '2 (1 + momentum) / lr')}.")
+    if st.get("unstable"):
+        return f'<p class="warning" id="stability-warning"><strong>Warning:</strong> {_e(st.get("warning", line))}</p>'
+    return f'<p class="note" id="stability">{_e(line)}</p>'
 
 
 def _fidelity(v: dict[str, Any] | None) -> str:
@@ -356,6 +369,10 @@ def _fidelity(v: dict[str, Any] | None) -> str:
     if not rows:
         rows.append([_e(v.get("objective", "?")), "ddm", _e(_fmt(v.get("pearson", ""))),
                      _e(_fmt(v.get("spearman", ""))), "", ""])
+    nc = v.get("noise_ceiling")
+    if isinstance(nc, dict):
+        rows.append([_e(v.get("objective", "loss")), _e(f"noise ceiling ({len(nc.get('seeds', []))} seed(s))"),
+                     _e(_fmt(nc.get("pearson", ""))), _e(_fmt(nc.get("spearman", ""))), "", ""])
     return head + _table(("objective", "method", "pearson", "spearman", "per-test P", "per-test S"), rows)
 
 

@@ -29,6 +29,9 @@ def test_noise_ceiling_and_stability(tmp_path, tiny_parquet, capsys):
     assert -1 <= nc["pearson"] <= 1 and -1 <= nc["spearman"] <= 1
     assert f"pearson {nc['pearson']:.3f}" in printed and "noise ceiling" in printed
     assert v["units_validated"] == 3 and v["stability"] == st
+    assert main(["report", out]) == 0
+    page = open(f"{out}/report/index.html").read()
+    assert "noise ceiling (1 seed(s))" in page and "Training stability" in page
     # off by default, and refused out of range
     assert main(["validate", "--out", out, "--units", "2", "--engine", "local", "--quiet"]) == 0
     with open(f"{out}/validation.json") as f:
