@@ -226,10 +226,10 @@ def calibration_units(num_units: int, n: int, seed: int) -> list[int]:
 
 
 def exact_loss_deltas(
-    cfg: RunConfig, off: Offline, units: list[int], directions: torch.Tensor | None = None, device: str = "cpu",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Exact leave-one-out Δ test loss of `units` by retraining: (len(units), N_test), CPU; with
-    directions V (P, k) also the coordinates V^T D_u (len(units), k) of each exact displacement."""
+    cfg: RunConfig, off: Offline, units: list[int], directions: torch.Tensor, device: str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact leave-one-out of `units` by retraining: their Δ test loss (len(units), N_test) and the
+    coordinates V^T D_u (len(units), k) of each exact displacement on directions V (P, k); CPU."""
     ds, dev = off.dataset, torch.device(device)
     net = Network(cfg.model, ds.input_shape, ds.num_classes)
     net.module.to(dev)
@@ -237,17 +237,15 @@ def exact_loss_deltas(
     final = {k: v.to(dev) for k, v in off.traj.final.items()}
     x, y, xt, yt = ds.x_train.to(dev), ds.y_train.to(dev), ds.x_test.to(dev), ds.y_test.to(dev)
     base = base_objectives(net, final, xt, yt, ("loss",))[0]
-    v = None if directions is None else directions.to(dev)
+    v = directions.to(dev)
     rows, coords = [], []
     with Progress(len(units), what="blend calibration", unit="retrainings", logger=_log) as bar:
         for u in units:
             p = retrain_without(net, p0, x, y, cfg.train, off.units.unit_of == u)
             rows.append(base_objectives(net, p, xt, yt, ("loss",))[0] - base)
-            if v is not None:
-                coords.append((flatten(p) - flatten(final)) @ v)
+            coords.append((flatten(p) - flatten(final)) @ v)
             bar.update(1)
-    deltas = torch.stack(rows).cpu()
-    return deltas if v is None else (deltas, torch.stack(coords).cpu())
+    return torch.stack(rows).cpu(), torch.stack(coords).cpu()
 
 
 def calibrate_target(
