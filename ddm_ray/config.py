@@ -179,16 +179,18 @@ class DistillConfig:
     probe_pool: str = opt("test", "basis: samples whose loss gradients span the subspace and form the pool: "
                           "test (what a removal's effect is measured on) | train | both", choices=PROBE_POOLS)
     probe_rank: int = opt(256, "basis: most probe subspace directions k")
-    unrolled_rank: int = opt(128, "basis: the unrolled target (adjoint) runs on this many leading directions; "
-                             "the influence target covers the rest")
-    probe_energy: float | None = opt(0.99, "basis: fewer directions when they hold this share of the probe "
-                                     "gradients' energy (default 0.99; none: always probe_rank)")
+    unrolled_rank: int | None = opt(None, "basis: the unrolled target (adjoint) runs on this many leading "
+                                    "directions, the influence target covers the rest (default: all of them "
+                                    "for a model without convolutions, 32 with them: a vmapped convolution "
+                                    "costs about 2 training steps per direction)")
+    probe_energy: float | None = opt(0.999, "basis: fewer directions when they hold this share of the probe "
+                                     "gradients' energy (default 0.999; none: always probe_rank)")
     probe_norm: float = opt(0.5, "basis: probe gradients divided by their norm ** this")
     ridge: float = opt(1e-3, "basis: shrinkage of weak probe directions (x largest)", flag="basis-ridge")
     influence_damping: float = opt(0.005, "influence: damping relative to the largest curvature")
     blend_weight: float | None = opt(None, "blend: weight of the unrolled target (default: the targets' lengths "
                                      "fitted on exact retrainings)")
-    calibration_units: int = opt(8, "blend calibration: units retrained exactly to fit the targets' lengths")
+    calibration_units: int = opt(16, "blend calibration: units retrained exactly to fit the targets' lengths")
     unroll_epochs: int | None = opt(None, "unroll only the last N epochs (default: all)")
     ipc: int = opt(4, "soft_label/literal: synthetic samples per unit")
     steps: int = opt(300, "soft_label/literal: matching steps", flag="distill-steps")
@@ -208,7 +210,7 @@ class DistillConfig:
         _check(self.unroll_epochs is None or self.unroll_epochs >= 1, "unroll epochs must be >= 1")
         _check(1 <= self.probe_samples <= 65536, "probe samples must be in [1, 65536]")
         _check(1 <= self.probe_rank <= 4096, "probe rank must be in [1, 4096]")
-        _check(1 <= self.unrolled_rank <= 4096, "unrolled rank must be in [1, 4096]")
+        _check(self.unrolled_rank is None or 1 <= self.unrolled_rank <= 4096, "unrolled rank must be in [1, 4096]")
         _check(self.probe_norm >= 0, "probe norm must be >= 0")
         _check(self.probe_pool in PROBE_POOLS, f"probe pool must be one of {PROBE_POOLS}")
         _check(self.probe_energy is None or 0 < self.probe_energy <= 1, "probe energy must be in (0, 1]")
