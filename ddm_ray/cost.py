@@ -52,21 +52,28 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _seconds(fn: Callable[[], Any], dev: torch.device, reps: int = 3, budget_s: float = 0.5) -> float:
-    """The fastest of up to `reps` timed calls of fn (after one untimed warm-up call); stops
-    early once the timed calls took budget_s."""
-    fn()
-    _sync(dev)
-    best, spent = math.inf, 0.0
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def _interleaved_seconds(
+    kernels: dict[str, tuple[Callable[[], Any], int]], dev: torch.device, min_total_s: float = 0.5, rounds: int = 5,
+) -> dict[str, float]:
+    """Mean seconds per call of each kernel {name: (fn, calls per round)}, each called once untimed
+    first (warm-up), then timed in interleaved rounds until min_total_s or `rounds` rounds: on a
+    shared machine every kernel sees the same contention, so their ratios hold."""
+    for fn, _n in kernels.values():
         fn()
-        _sync(dev)
-        dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
-        if spent >= budget_s:
+    _sync(dev)
+    spent = dict.fromkeys(kernels, 0.0)
+    calls = dict.fromkeys(kernels, 0)
+    for _ in range(rounds):
+        for name, (fn, n) in kernels.items():
+            t0 = time.perf_counter()
+            for _i in range(n):
+                fn()
+            _sync(dev)
+            spent[name] += time.perf_counter() - t0
+            calls[name] += n
+        if sum(spent.values()) >= min_total_s:
             break
-    return best
+    return {name: spent[name] / calls[name] for name in kernels}
 
 
 def probe_count(cfg: RunConfig, n_train: int, n_test: int) -> int:
@@ -97,8 +104,6 @@ def time_kernels(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str,
     xb, yb = ds.x_train[:b].to(dev), ds.y_train[:b].to(dev)
     idx = torch.arange(b, device=dev)
     g_fn = grad(lambda p, xs, ys, nom: batch_loss(net, p, xs, ys, nom))
-    step_s = _seconds(lambda: sgd_step(g_fn, theta, None, xb, yb, idx, b, cfg.train), dev, reps=10)
-    ps_s = _seconds(lambda: per_sample_grads(net, theta, xb, yb), dev)
     k, ku = subspace_ranks(cfg, int(ds.y_train.numel()), int(ds.y_test.numel()), n_params)
     r = ku if cfg.distill.target != "influence" else min(k, ADJOINT_CHUNK)
     a = torch.randn(r, n_params, generator=torch.Generator().manual_seed(0)).to(dev) / n_params**0.5
@@ -112,9 +117,12 @@ def time_kernels(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str,
         _ = a[:rows] - hz
 
     adjoint_step(min(2, r))  # the first vmapped pass imports torch.func's lazy modules: not timed
-    adjoint_s = _seconds(lambda: adjoint_step(r), dev, reps=2, budget_s=0.2)
-    return {"batch": float(b), "step_s": step_s, "per_sample_s": ps_s, "adjoint_step_s": adjoint_s,
-            "adjoint_directions": float(r)}
+    t = _interleaved_seconds({
+        "step_s": (lambda: sgd_step(g_fn, theta, None, xb, yb, idx, b, cfg.train), 10),
+        "per_sample_s": (lambda: per_sample_grads(net, theta, xb, yb), 1),
+        "adjoint_step_s": (lambda: adjoint_step(r), 1),
+    }, dev)
+    return {"batch": float(b), **t, "adjoint_directions": float(r)}
 
 
 def break_even_units(distill_trainings: float) -> int:

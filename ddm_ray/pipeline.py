@@ -243,24 +243,32 @@ class Run:
                 self.log(advice)
 
     def _measured_cost(self, n_units: int, units_done: int) -> None:
-        """The cost as measured, in the estimate's trainings (`cost.training_seconds`)."""
+        """The cost as measured, in trainings: one training is a calibration retraining of this
+        session when distillation ran them (real work, under the same load), else the estimate's
+        timed one (`cost.training_seconds`)."""
         est = self.cost_estimate
-        one = float(est["training_seconds"]) if est else 0.0
-        if one <= 0:
-            return
+        timed = float(est["training_seconds"]) if est else 0.0
         if self.cfg.online.method == "exact":
-            if units_done:
+            if units_done and timed > 0:
                 each = self.timings["exact"] / units_done
-                self.log(f"cost: exact retraining took {each:.2f}s per unit ({each / one:.2f} trainings of "
-                         f"{one:.2f}s), {units_done} units this session")
+                self.log(f"cost: exact retraining took {each:.2f}s per unit ({each / timed:.2f} trainings of "
+                         f"{timed:.2f}s as timed for the estimate), {units_done} units this session")
             return
         if "train_and_units" not in self.timings or "distill" not in self.timings:
             return  # resumed: this session's timings do not cover the whole offline stage
+        calibrated = len(self.distillation.get("blend_calibration", {}).get("units", []))
+        if calibrated and "distill_calibration" in self.timings:
+            one, what = self.timings["distill_calibration"] / calibrated, f"{calibrated} calibration retrainings' mean"
+        elif timed > 0:
+            one, what = timed, "timed for the estimate"
+        else:
+            return
         d = self.timings["distill"] / one
         self.distillation["distill_trainings"] = round(d, 3)
         self.distillation["training_seconds"] = round(one, 3)
-        self.log(f"cost: distillation took {d:.1f} trainings of {one:.2f}s (estimated {est['distill_trainings']:.1f}); "
-                 f"retraining every unit would take {n_units}, so this run "
+        estimated = f", estimated {est['distill_trainings']:.1f}" if est else ""
+        self.log(f"cost: distillation took {d:.1f} trainings ({self.timings['distill']:.1f}s; a training {one:.2f}s, "
+                 f"the {what}{estimated}); retraining every unit would take {n_units}, so this run "
                  f"{'beats' if n_units > d else 'does not beat'} exact leave-one-out "
                  f"(break-even at about {break_even_units(d)} units)")
 
