@@ -249,10 +249,11 @@ class Run:
         est = self.cost_estimate
         timed = float(est["training_seconds"]) if est else 0.0
         if self.cfg.online.method == "exact":
-            if units_done and timed > 0:
+            if units_done:
                 each = self.timings["exact"] / units_done
-                self.log(f"cost: exact retraining took {each:.2f}s per unit ({each / timed:.2f} trainings of "
-                         f"{timed:.2f}s as timed for the estimate), {units_done} units this session")
+                ddm = (f"; at that rate DDM's distillation (about {est['distill_trainings']:.1f} trainings) would "
+                       f"take about {est['distill_trainings'] * each:.0f}s" if est else "")
+                self.log(f"cost: exact retraining took {each:.2f}s per unit, {units_done} units this session{ddm}")
             return
         if "train_and_units" not in self.timings or "distill" not in self.timings:
             return  # resumed: this session's timings do not cover the whole offline stage

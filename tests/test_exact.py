@@ -137,13 +137,14 @@ def test_exact_resume_after_an_interruption_loses_and_repeats_no_row(
 
 def test_ddm_below_break_even_warns_and_suggests_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ddm"
-    assert main(["run", *DIGITS, "--out", str(out)]) == 0
+    assert main(["run", *DIGITS, "--clusters-per-class", "1", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     m = _manifest(out)
     est, n_units = m["cost_estimate"], m["counts"]["units"]
-    assert m["method"] == "ddm" and n_units == 20
+    assert m["method"] == "ddm" and n_units == 10
     assert f"break-even at about {est['break_even_units']} units; this run has {n_units}" in err
-    # 20 units, against an adjoint over at most 128 directions for every step: far below break-even
+    # 10 units against 8 calibration retrainings plus an adjoint over 128 directions at every step
+    assert est["pieces_trainings"]["calibration"] == 8.0 and est["pieces_trainings"]["unrolled"] > 2
     assert est["break_even_units"] > n_units
     warning = [line for line in err.splitlines() if "below the break-even" in line]
     assert len(warning) == 1 and "--method exact" in warning[0] and f"{n_units} units" in warning[0]
