@@ -188,3 +188,11 @@ def test_method_is_hashed_and_a_ddm_config_keeps_its_hash() -> None:
     del d["online"]["method"]  # the config as hashed before the field existed
     assert ddm.hash() == hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
     assert RunConfig.from_dict(exact.to_dict()).hash() == exact.hash()
+
+
+def test_the_benchmarks_refuse_exact_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for bench in ("fidelity", "scaling"):
+        assert main(["bench", bench, "--method", "exact", "--out", str(tmp_path / bench)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--method exact does not apply" in err[0], err
+    assert not (tmp_path / "fidelity").exists()
