@@ -119,7 +119,7 @@ class Run:
 
     def __init__(
         self, cfg: RunConfig, exe: ExecConfig, out: str, executor: Executor, log: Any = None,
-        progress: Callable[[int, int], Any] | None = None,
+        progress: Callable[..., Any] | None = None,
     ) -> None:
         """progress(total_rows, rows_already_done, what=stage name) -> object with update(rows) and close()."""
         self.cfg, self.exe, self.executor = cfg, exe, executor
