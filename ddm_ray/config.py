@@ -24,6 +24,7 @@ TARGETS = ("unrolled", "influence", "blend")
 PROBE_POOLS = ("test", "train", "both")
 TARGET_SOLVERS = ("auto", "adjoint", "forward")
 UNIT_FEATURES = ("input", "penultimate")
+METHODS = ("ddm", "exact")
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices: tuple[str, ...] | None = None,
@@ -222,8 +223,17 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class OnlineConfig:
-    """The fast-learn step: fine-tuning the final model on synsets, and what is measured."""
+    """How each unit's row is computed, and what is measured.
 
+    method:
+      ddm (default): the fast-learn step: fine-tuning the final model on the unit's synset
+        (distilled offline, `DistillConfig`);
+      exact: exact leave-one-out retraining of every unit (`core.training.retrain_without`: the
+        same init, seed and data order with the unit's samples dropped); no distillation at all.
+        Cheaper than DDM below the break-even number of units the run logs."""
+
+    method: str = opt("ddm", "rows by ddm (distilled synsets, one online step) | exact (retrain without each "
+                      "unit; cheaper below the break-even number of units the run logs)", choices=METHODS)
     steps: int = opt(1, "fine-tuning steps on a synset (basis synsets are solved for 1)", flag="online-steps")
     lr: float = opt(0.1, "fine-tuning learning rate", flag="online-lr")
     objectives: tuple[str, ...] = opt(OBJECTIVES, "what is measured on every test sample: loss,margin,correct")
@@ -231,6 +241,7 @@ class OnlineConfig:
                          choices=("fp32", "tf32", "bf16"))
 
     def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"method must be one of {METHODS}")
         _check(self.precision in ("fp32", "tf32", "bf16"), "precision must be fp32, tf32 or bf16")
         _check(self.steps >= 1, "online steps must be >= 1")
         _check(math.isfinite(self.lr) and self.lr > 0, "online lr must be a finite number > 0")
@@ -279,7 +290,10 @@ class RunConfig:
         return d
 
     def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        d = self.to_dict()
+        if d["online"].get("method") == "ddm":  # added later: a DDM config keeps the hash it had before
+            del d["online"]["method"]
+        blob = json.dumps(d, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
@@ -312,7 +326,8 @@ class ExecConfig:
     engine: str = opt("ray", "ray | local (in-process, no Ray)", choices=("ray", "local"))
     device: str = opt("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     online_batch: int | None = opt(None, "units fine-tuned together per pass (default: from free memory)")
-    block_units: int = opt(64, "units per online task and per Parquet part")
+    block_units: int | None = opt(None, "units per online task and per Parquet part (default: 64; "
+                                  "--method exact: 1, one retraining per task)")
     max_in_flight: int | None = opt(None, "online tasks in flight (default: 2 x workers)")
     num_cpus: int | None = opt(None, "CPUs for a local Ray runtime")
     resume: bool = opt(False, "finish an interrupted run in --out")
@@ -320,11 +335,16 @@ class ExecConfig:
     connect_timeout_s: float = opt(30.0, "seconds to wait for --address / RAY_ADDRESS to answer",
                                    flag="connect-timeout")
 
+    def block_size(self, method: str) -> int:
+        """Units per block (task and Parquet part): --block-units, else 64 for DDM's online
+        blocks and 1 for exact retraining (each unit is a whole training: one task per unit)."""
+        return self.block_units or (1 if method == "exact" else 64)
+
     def __post_init__(self) -> None:
         _check(self.engine in ("ray", "local"), "engine must be ray or local")
         _check(self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
         _check(self.online_batch is None or self.online_batch >= 1, "online batch must be >= 1")
-        _check(self.block_units >= 1, "block units must be >= 1")
+        _check(self.block_units is None or self.block_units >= 1, "block units must be >= 1")
         _check(self.max_in_flight is None or self.max_in_flight >= 1, "max in flight must be >= 1")
         _check(math.isfinite(self.connect_timeout_s) and self.connect_timeout_s > 0, "connect timeout must be finite and > 0")
 
