@@ -41,7 +41,7 @@ from ddm_ray.core.adjoint import _hvp_and_directional
 from ddm_ray.core.models import Network, flatten
 from ddm_ray.core.probe import per_sample_grads
 from ddm_ray.core.training import batch_loss, sgd_step
-from ddm_ray.distillation import unrolled_solver
+from ddm_ray.distillation import calibration_count, has_convolutions, unrolled_rank_for, unrolled_solver
 from ddm_ray.offline import Offline
 
 ADJOINT_CHUNK = 128  # the adjoint's vmap chunk of directions (`core.adjoint.adjoint_unrolled`)
@@ -83,10 +83,12 @@ def probe_count(cfg: RunConfig, n_train: int, n_test: int) -> int:
         min(d.probe_samples, n_test) if d.probe_pool != "train" else 0)
 
 
-def subspace_ranks(cfg: RunConfig, n_train: int, n_test: int, n_params: int) -> tuple[int, int]:
+def subspace_ranks(
+    cfg: RunConfig, n_train: int, n_test: int, n_params: int, convolutions: bool = False,
+) -> tuple[int, int]:
     """(k, k_u): the most directions the subspace may keep and the adjoint's share of them."""
     k = max(1, min(cfg.distill.probe_rank, probe_count(cfg, n_train, n_test), n_params))
-    return k, min(k, cfg.distill.unrolled_rank)
+    return k, unrolled_rank_for(cfg.distill, k, convolutions)
 
 
 def time_kernels(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str, float]:
@@ -104,7 +106,8 @@ def time_kernels(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str,
     xb, yb = ds.x_train[:b].to(dev), ds.y_train[:b].to(dev)
     idx = torch.arange(b, device=dev)
     g_fn = grad(lambda p, xs, ys, nom: batch_loss(net, p, xs, ys, nom))
-    k, ku = subspace_ranks(cfg, int(ds.y_train.numel()), int(ds.y_test.numel()), n_params)
+    convs = has_convolutions(net)
+    k, ku = subspace_ranks(cfg, int(ds.y_train.numel()), int(ds.y_test.numel()), n_params, convs)
     r = ku if cfg.distill.target != "influence" else min(k, ADJOINT_CHUNK)
     a = torch.randn(r, n_params, generator=torch.Generator().manual_seed(0)).to(dev) / n_params**0.5
     b_state, c = torch.zeros_like(a), torch.zeros(b, r, device=dev)
@@ -122,7 +125,7 @@ def time_kernels(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str,
         "per_sample_s": (lambda: per_sample_grads(net, theta, xb, yb), 1),
         "adjoint_step_s": (lambda: adjoint_step(r), 1),
     }, dev)
-    return {"batch": float(b), **t, "adjoint_directions": float(r)}
+    return {"batch": float(b), **t, "adjoint_directions": float(r), "convolutions": float(convs)}
 
 
 def break_even_units(distill_trainings: float) -> int:
@@ -148,7 +151,7 @@ def estimate_cost(
     adjoint_s = kernels["adjoint_step_s"]
     rate = adjoint_s / max(1.0, kernels["adjoint_directions"])  # one direction on one batch
     one = training_seconds(cfg, n_train, kernels)
-    k, ku = subspace_ranks(cfg, n_train, n_test, n_params)
+    k, ku = subspace_ranks(cfg, n_train, n_test, n_params, bool(kernels.get("convolutions", 0.0)))
     m = probe_count(cfg, n_train, n_test)
     seconds: dict[str, float] = {"subspace": math.ceil(m / t.batch_size) * ps_s}
     if d.target in ("influence", "blend"):
@@ -163,7 +166,7 @@ def estimate_cost(
         else:
             seconds["unrolled"] = steps * step_s + unrolled * spe * (ps_s + (n_units + 1) * rate)
     if d.target == "blend" and d.blend_weight is None:
-        seconds["calibration"] = min(d.calibration_units, n_units) * steps * step_s
+        seconds["calibration"] = calibration_count(n_units, d.calibration_units) * steps * step_s
     total = sum(seconds.values())
     trainings = total / one
     return {

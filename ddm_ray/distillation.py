@@ -223,8 +223,12 @@ def calibration_units(num_units: int, n: int, seed: int) -> list[int]:
     """A seeded sample of n units (ascending), the same for every run of a config; never more
     than a quarter of the units (at least 2), so calibration stays a small part of the run."""
     gen = torch.Generator().manual_seed(seed + 4_242)
-    take = min(n, max(2, num_units // 4), num_units)
-    return sorted(torch.randperm(num_units, generator=gen)[:take].tolist())
+    return sorted(torch.randperm(num_units, generator=gen)[: calibration_count(num_units, n)].tolist())
+
+
+def calibration_count(num_units: int, n: int) -> int:
+    """How many units `calibration_units` retrains: n, at most a quarter of them (at least 2)."""
+    return min(n, max(2, num_units // 4), num_units)
 
 
 def exact_loss_deltas(
@@ -257,10 +261,18 @@ def unrolled_rank_of(d: DistillConfig, net: Network, rank: int) -> int:
     """How many leading directions of the rank-k subspace the adjoint runs on: `unrolled_rank`,
     or by default all k for a model without convolutions and CONV_UNROLLED_RANK with them (a
     vmapped convolution runs as a grouped one, about 2 training steps per direction and step)."""
+    return unrolled_rank_for(d, rank, has_convolutions(net))
+
+
+def has_convolutions(net: Network) -> bool:
+    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in net.module.modules())
+
+
+def unrolled_rank_for(d: DistillConfig, rank: int, convolutions: bool) -> int:
+    """`unrolled_rank_of` for a model that has (or has not) convolutions."""
     if d.unrolled_rank is not None:
         return min(rank, d.unrolled_rank)
-    convs = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in net.module.modules())
-    return min(rank, CONV_UNROLLED_RANK) if convs else rank
+    return min(rank, CONV_UNROLLED_RANK) if convolutions else rank
 
 
 def calibrate_target(

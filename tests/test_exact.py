@@ -143,8 +143,9 @@ def test_ddm_below_break_even_warns_and_suggests_exact(tmp_path: Path, capsys: p
     est, n_units = m["cost_estimate"], m["counts"]["units"]
     assert m["method"] == "ddm" and n_units == 10
     assert f"break-even at about {est['break_even_units']} units; this run has {n_units}" in err
-    # 10 units against 8 calibration retrainings plus an adjoint over 128 directions at every step
-    assert est["pieces_trainings"]["calibration"] == 8.0 and est["pieces_trainings"]["unrolled"] > 2
+    # 10 units against 2 calibration retrainings (a quarter of the units at most) plus an adjoint
+    # over every direction at every step
+    assert est["pieces_trainings"]["calibration"] == 2.0 and est["pieces_trainings"]["unrolled"] > 2
     assert est["break_even_units"] > n_units
     warning = [line for line in err.splitlines() if "below the break-even" in line]
     assert len(warning) == 1 and "--method exact" in warning[0] and f"{n_units} units" in warning[0]
@@ -155,21 +156,28 @@ def test_ddm_below_break_even_warns_and_suggests_exact(tmp_path: Path, capsys: p
 
 def test_the_estimate_counts_what_the_config_runs_and_the_break_even_rule() -> None:
     kernels = {"batch": 100.0, "step_s": 0.001, "per_sample_s": 0.004, "adjoint_step_s": 0.05,
-               "adjoint_directions": 128.0}
+               "adjoint_directions": 256.0}
     cfg = RunConfig()
     est = estimate_cost(cfg, 1200, 597, 71, 9000, kernels)
-    # one training = 30 epochs x 12 steps at 1 ms; the adjoint = 360 x (1 + 50) ms = 51 trainings
+    # one training = 30 epochs x 12 steps at 1 ms; with 71 units < k/2 the forward unroll is cheaper
+    # than the adjoint: a training plus 360 x (a per-sample pass + 72 directions at 50/256 ms)
     assert est["training_seconds"] == pytest.approx(0.36)
-    assert est["pieces_trainings"]["unrolled"] == pytest.approx(51.0)
-    assert est["pieces_trainings"]["calibration"] == pytest.approx(8.0)
+    assert est["pieces_trainings"]["unrolled"] == pytest.approx((0.36 + 360 * (0.004 + 72 * 0.05 / 256)) / 0.36, abs=1e-3)
+    many = estimate_cost(cfg, 1200, 597, 300, 9000, kernels)  # the adjoint: 360 x (1 + 50) ms = 51 trainings
+    assert many["pieces_trainings"]["unrolled"] == pytest.approx(51.0)
+    assert est["pieces_trainings"]["calibration"] == pytest.approx(16.0)
     assert set(est["pieces_trainings"]) == {"subspace", "influence", "unrolled", "calibration"}
-    assert est["directions_at_most"] == 256 and est["unrolled_directions_at_most"] == 128
-    assert est["break_even_units"] == break_even_units(est["distill_trainings"]) == 63
+    assert est["directions_at_most"] == 256 and est["unrolled_directions_at_most"] == 256
+    assert est["break_even_units"] == break_even_units(est["distill_trainings"]) == 37
+    # a model with convolutions: the adjoint on 32 directions only, 32/256 of the cost per step
+    conv = estimate_cost(cfg, 1200, 597, 71, 9000, {**kernels, "convolutions": 1.0})
+    assert conv["unrolled_directions_at_most"] == 32
+    assert conv["pieces_trainings"]["unrolled"] == pytest.approx(30 * 12 * (0.001 + 0.05 / 8) / 0.36, abs=1e-3)
 
     fixed = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, target="unrolled"))
     assert set(estimate_cost(fixed, 1200, 597, 71, 9000, kernels)["pieces_trainings"]) == {"subspace", "unrolled"}
     line, advice = cost_lines(est, 71, "ddm")
-    assert "break-even at about 63 units; this run has 71" in line and advice is None
+    assert "break-even at about 37 units; this run has 71" in line and advice is None
     _, advice = cost_lines(est, 10, "ddm")
     assert advice is not None and "below the break-even" in advice and "--method exact" in advice
     _, advice = cost_lines(est, 10, "exact")
