@@ -34,6 +34,7 @@ from ddm_ray.core.targets import (
     blend,
     fit_target,
     forward_unrolled_projected,
+    hessian_work,
     influence_pieces,
     influence_target,
     target_features,
@@ -201,9 +202,13 @@ def subspace_of(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str, 
     state = {"index": basis.index, "test_index": test_index, "v": basis.v, "coef": basis.coef, "lam": basis.lam,
              "energy": torch.tensor(basis.energy)}
     if d.target in ("influence", "blend"):
-        pieces = influence_pieces(
-            net, final, x, y, off.units.unit_of.to(dev), off.units.num_units, basis.v, cfg.train.weight_decay,
-        )
+        n = int(y.shape[0])
+        with Progress(hessian_work(n, basis.rank) + n, what="distill: influence (Hessian-vector products, "
+                      "then unit gradients)", unit="passes", logger=_log) as bar:
+            pieces = influence_pieces(
+                net, final, x, y, off.units.unit_of.to(dev), off.units.num_units, basis.v, cfg.train.weight_decay,
+                progress=bar.update,
+            )
         state.update({"h": pieces.h, "g": pieces.g})
     return {k: v.cpu() for k, v in state.items()}
 

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,14 +40,16 @@ class InfluencePieces:
 
 def projected_hessian(
     net: Network, final: Params, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, weight_decay: float,
-    data_chunk: int = 2048, dir_chunk: int = 32,
+    data_chunk: int = 2048, dir_chunk: int = 32, progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """V^T H V (k, k) for the mean training loss (plus weight decay) at final; v (P, k).
 
-    The HVPs run over the training data in chunks (memory: dir_chunk x data_chunk activations)."""
+    The HVPs run over the training data in chunks (memory: dir_chunk x data_chunk activations);
+    `progress(n)` is called after every n HVPs of one data chunk (k per chunk in all)."""
     flat = flatten(final)
     n = x.shape[0]
-    hv = torch.zeros(v.shape[1], v.shape[0], dtype=v.dtype, device=v.device)  # (k, P)
+    vt = v.T.contiguous()  # (k, P)
+    hv = torch.zeros_like(vt)
     for i in range(0, n, data_chunk):
         xb, yb = x[i : i + data_chunk], y[i : i + data_chunk]
         g_fn = grad(lambda pf, xb=xb, yb=yb: F.cross_entropy(net.logits(unflatten(pf, final), xb), yb, reduction="sum") / n)
@@ -54,34 +57,47 @@ def projected_hessian(
         def hvp(t: torch.Tensor, g_fn=g_fn) -> torch.Tensor:  # noqa: ANN001
             return jvp(g_fn, (flat,), (t,))[1]
 
-        hv += vmap(hvp, chunk_size=dir_chunk)(v.T.contiguous())
+        for j in range(0, vt.shape[0], dir_chunk):
+            hv[j : j + dir_chunk] += vmap(hvp)(vt[j : j + dir_chunk])
+            if progress is not None:
+                progress(min(dir_chunk, vt.shape[0] - j))
     if weight_decay:
-        hv += weight_decay * v.T
+        hv += weight_decay * vt
     h = v.T @ hv.T
     return 0.5 * (h + h.T)
 
 
+def hessian_work(n: int, k: int, data_chunk: int = 2048) -> int:
+    """How many progress counts `projected_hessian` makes: k per data chunk."""
+    return k * -(-n // data_chunk)
+
+
 def unit_gradients_projected(
     net: Network, final: Params, x: torch.Tensor, y: torch.Tensor, unit_of: torch.Tensor, num_units: int,
-    v: torch.Tensor, chunk: int = 512,
+    v: torch.Tensor, chunk: int = 512, progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """(U, k): V^T G_u / N, G_u the summed loss gradient of unit u's samples (unit_of -1: none)."""
+    """(U, k): V^T G_u / N, G_u the summed loss gradient of unit u's samples (unit_of -1: none);
+    `progress(n)` after every n samples."""
     n = x.shape[0]
     out = torch.zeros(num_units + 1, v.shape[1], dtype=v.dtype, device=v.device)
     idx = torch.where(unit_of < 0, num_units, unit_of).to(v.device)
     for i in range(0, n, chunk):
         g = per_sample_grads(net, final, x[i : i + chunk], y[i : i + chunk])
         out.index_add_(0, idx[i : i + chunk], g @ v)
+        if progress is not None:
+            progress(min(chunk, n - i))
     return out[:num_units] / n
 
 
 def influence_pieces(
     net: Network, final: Params, x: torch.Tensor, y: torch.Tensor, unit_of: torch.Tensor, num_units: int,
-    v: torch.Tensor, weight_decay: float,
+    v: torch.Tensor, weight_decay: float, progress: Callable[[int], None] | None = None,
 ) -> InfluencePieces:
+    """V^T H V and V^T G_u / N; `progress(n)` counts HVPs then samples
+    (`hessian_work(N, k)` + N in all)."""
     return InfluencePieces(
-        projected_hessian(net, final, x, y, v, weight_decay),
-        unit_gradients_projected(net, final, x, y, unit_of, num_units, v),
+        projected_hessian(net, final, x, y, v, weight_decay, progress=progress),
+        unit_gradients_projected(net, final, x, y, unit_of, num_units, v, progress=progress),
     )
 
 
