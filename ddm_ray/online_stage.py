@@ -15,14 +15,15 @@ import pyarrow as pa
 import torch
 
 from ddm_ray.config import RunConfig
-from ddm_ray.core.models import Network, Params
+from ddm_ray.core.models import Network, Params, flatten
 from ddm_ray.core.online import (
     available_memory_bytes,
     base_objectives,
     choose_online_batch,
     evaluate_units,
+    precision_context,
 )
-from ddm_ray.core.synset import Synset
+from ddm_ray.core.synset import Synset, pool_gradients
 from ddm_ray.core.training import retrain_without
 from ddm_ray.errors import NonFiniteError
 from ddm_ray.store.run_store import RunStore, part_name
@@ -81,6 +82,20 @@ class OnlineContext:
     pool_label: torch.Tensor
     base: torch.Tensor
     batch: tuple[int, int | None] | None = None  # (units per pass, test chunk), chosen on first use
+    pool_grads: torch.Tensor | None = None  # (M, P) the pool's gradients at final, made on first use
+
+
+def pool_gradients_for(job: OnlineJob, ctx: OnlineContext) -> torch.Tensor | None:
+    """The pool's per-sample gradients at final, once per process, when the online step is one
+    step and they take at most an eighth of the device's free memory; else None (each group of
+    units then recomputes them)."""
+    if job.cfg.online.steps != 1:
+        return None
+    m, p = int(ctx.pool_x.shape[0]), int(flatten(ctx.final).numel())
+    if m * p * 4 > available_memory_bytes(torch.device(job.device)) // 8:
+        return None
+    with precision_context(job.cfg.online.precision, ctx.pool_x.device):
+        return pool_gradients(ctx.net, ctx.final, ctx.pool_x, ctx.pool_label)
 
 
 def online_context(job: OnlineJob) -> OnlineContext:
@@ -105,10 +120,11 @@ def evaluate_block(job: OnlineJob, block: Block, weight: torch.Tensor, ctx: Onli
     names = cfg.online.objectives
     if ctx.batch is None:
         ctx.batch = online_batch_for(job, ctx.net, ctx.final)
+        ctx.pool_grads = pool_gradients_for(job, ctx)
     batch, chunk = ctx.batch
     deltas = evaluate_units(
         ctx.net, ctx.final, syn, ctx.x_test, ctx.y_test, names, cfg.online.steps, cfg.online.lr,
-        batch=batch, base=ctx.base, precision=cfg.online.precision, test_chunk=chunk,
+        batch=batch, base=ctx.base, precision=cfg.online.precision, test_chunk=chunk, pool_grads=ctx.pool_grads,
     ).cpu()  # (n_obj, U, N)
     if not bool(torch.isfinite(deltas).all()):
         raise NonFiniteError(

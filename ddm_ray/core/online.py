@@ -125,8 +125,13 @@ def evaluate_units(
     base: torch.Tensor | None = None,
     precision: str = "fp32",
     test_chunk: int | None = None,
+    pool_grads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Deltas for every unit of syn: returns (n_obj, U, N_test) float32.
+
+    pool_grads (M, P): the per-sample gradients of syn's M samples at final
+    (`core.synset.pool_gradients`), when the caller holds them for many calls: the one-step moves
+    are then one matrix product per group, with no gradient pass.
 
     Units are processed `batch` at a time, each batch on the samples its units use. One online
     step (the default) is linear in the weights, so the B moves come from one per-sample-gradient
@@ -146,10 +151,12 @@ def evaluate_units(
     out = []
     with torch.no_grad():
         for g0 in range(0, len(syn), group):
-            part = syn.select(slice(g0, g0 + group)).compact()
+            part = syn.select(slice(g0, g0 + group))
+            part = part if steps == 1 and pool_grads is not None else part.compact()
             with precision_context(precision, x_test.device):
                 if steps == 1:
-                    tuned_all = theta[None, :] + one_step_moves(net, final, part.x, part.label, part.weight, lr)
+                    tuned_all = theta[None, :] + one_step_moves(net, final, part.x, part.label, part.weight, lr,
+                                                                grads=pool_grads)
             for i in range(0, len(part), batch):
                 cols = []
                 with precision_context(precision, x_test.device):

@@ -114,6 +114,21 @@ def fast_learn(
     return p
 
 
+def pool_gradients(
+    net: Network, params: Params, x: torch.Tensor, label: torch.Tensor, chunk: int = 256,
+) -> torch.Tensor:
+    """(m, P): every pool sample's soft-label cross-entropy gradient at params (x (m, ...), label
+    (m, C)), a chunk of samples at a time (memory: m x P out, chunk x P activations' gradients)."""
+    like = params
+    flat = flatten(params)
+
+    def one(pf: torch.Tensor, xi: torch.Tensor, li: torch.Tensor) -> torch.Tensor:
+        return -(li * torch.log_softmax(net.logits(unflatten(pf, like), xi[None])[0], -1)).sum()
+
+    g_fn = vmap(grad(one), in_dims=(None, 0, 0))
+    return torch.cat([g_fn(flat, x[i : i + chunk], label[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
+
+
 def one_step_moves(
     net: Network,
     params: Params,
@@ -122,21 +137,19 @@ def one_step_moves(
     weight: torch.Tensor,
     lr: float,
     chunk: int = 256,
+    grads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Moves (B, P) of one fast-learn step for B weight rows (B, m) on one shared sample pool.
 
     One step is linear in the weights: delta_b = -lr * sum_j weight[b, j] * grad CE_j(params), so
     the per-sample gradients are computed once per chunk of samples and reused by every row
-    (memory: chunk x P at a time)."""
-    like = params
+    (memory: chunk x P at a time), or taken from `grads` (m, P) = `pool_gradients(...)` when the
+    caller holds them: then the moves are one matrix product, -lr * weight @ grads."""
+    if grads is not None:
+        return -lr * (weight.to(grads.dtype) @ grads)
     flat = flatten(params)
-
-    def one(pf: torch.Tensor, xi: torch.Tensor, li: torch.Tensor) -> torch.Tensor:
-        return -(li * torch.log_softmax(net.logits(unflatten(pf, like), xi[None])[0], -1)).sum()
-
-    g_fn = vmap(grad(one), in_dims=(None, 0, 0))
     out = torch.zeros(weight.shape[0], flat.numel(), dtype=flat.dtype, device=flat.device)
     for i in range(0, x.shape[0], chunk):
-        g = g_fn(flat, x[i : i + chunk], label[i : i + chunk])  # (c, P)
+        g = pool_gradients(net, params, x[i : i + chunk], label[i : i + chunk], chunk)  # (c, P)
         out.addmm_(weight[:, i : i + chunk].to(g.dtype), g, alpha=-lr)
     return out

@@ -8,7 +8,7 @@ from ddm_ray.core.metrics import pearson
 from ddm_ray.core.models import Network
 from ddm_ray.core.objectives import per_sample
 from ddm_ray.core.online import choose_online_batch, evaluate_units, evaluate_units_loop
-from ddm_ray.core.synset import Synset
+from ddm_ray.core.synset import Synset, pool_gradients
 
 
 @pytest.mark.parametrize("arch,shape", [("mlp", (16,)), ("convnet", (1, 6, 5))])
@@ -33,6 +33,12 @@ def test_batched_equals_loop(arch, shape, steps):
         got = evaluate_units(net, final, syn, x_test, y_test, names, steps, 0.5, batch=b)
         assert got.shape == (3, u, 11)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    if steps == 1:  # the moves from the pool's gradients, computed once: one matrix product
+        grads = pool_gradients(net, final, syn.x, syn.label)
+        assert grads.shape == (m, sum(t.numel() for t in final.values()))
+        for b in (1, 3):
+            got = evaluate_units(net, final, syn, x_test, y_test, names, steps, 0.5, batch=b, pool_grads=grads)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     assert ref[0].abs().sum() > 0  # the fine-tune moved the model
 
 
