@@ -10,7 +10,6 @@ An executor (`ddm_ray.engine`) decides where shards, blocks and one-process call
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import platform
 import time
@@ -27,7 +26,7 @@ from ddm_ray.core.models import Network, flatten
 from ddm_ray.core.synset import Synset
 from ddm_ray.core.training import Trajectory
 from ddm_ray.core.units import Units
-from ddm_ray.data import Dataset, load_dataset
+from ddm_ray.data import Dataset, data_fingerprint, load_dataset
 from ddm_ray.distillation import DistillJob, Shard, distill_synsets
 from ddm_ray.errors import InputError, RunStateError
 from ddm_ray.offline import Offline, stability_of, test_index_table, train_and_units, units_table
@@ -73,16 +72,6 @@ def versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return out
-
-
-def data_fingerprint(ds: Dataset) -> str:
-    """sha256 (16 hex) of the loaded inputs, labels and ids of both splits."""
-    h = hashlib.sha256()
-    for t in (ds.x_train, ds.y_train, ds.train_ids, ds.x_test, ds.y_test, ds.test_ids):
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().numpy().tobytes())
-    h.update(repr(ds.classes).encode())
-    return h.hexdigest()[:16]
 
 
 def _check_out(store: RunStore, cfg: RunConfig, resume: bool) -> dict[str, Any] | None:

@@ -132,14 +132,23 @@ class _Samples:
         return self._draw("test", test_id)
 
 
-def _load_samples(run: AuditRun, folder: str, storage_options: dict[str, str]) -> tuple[_Samples, str]:
-    """The run's inputs for drawing, and a one-line note (why they are missing, or how drawn)."""
+def _load_samples(
+    run: AuditRun, folder: str, storage_options: dict[str, str], data: dict[str, str | None]
+) -> tuple[_Samples, str]:
+    """The run's inputs for drawing, and a one-line note (why they are missing, or how drawn).
+    data: the caller's train/test/root (`ddm_ray.readers.caller_data`; none: the manifest's,
+    named in a log line first), checked against the run's data fingerprint."""
     samples = _Samples(folder)
     try:
         from ddm_ray.config import RunConfig
         from ddm_ray.data import load_dataset
+        from ddm_ray.readers import caller_data, check_data_fingerprint
 
-        ds = load_dataset(RunConfig.from_dict(run.manifest["config"]).data, storage_options)
+        cfg = caller_data(RunConfig.from_dict(run.manifest["config"]), run.store.url, **data)
+        ds = load_dataset(cfg.data, storage_options)
+        check_data_fingerprint(run.manifest, ds, run.store.url)
+    except ConfigError:
+        raise  # the caller's options contradict the run: say so rather than drop the pictures
     except Exception as e:  # noqa: BLE001  any failure here only costs the pictures
         return samples, f"Sample images not drawn: the run's data could not be loaded ({brief(e)})."
     samples.x_train = ds.x_train.numpy()
@@ -524,12 +533,18 @@ def write_report(
     max_tests: int = 12,
     storage_options: dict[str, str] | None = None,
     log: Callable[[str], None] | None = None,
+    train: str | None = None,
+    test: str | None = None,
+    data_root: str | None = None,
 ) -> str:
     """Write <run>/report/index.html (or <report_out>/index.html) and its PNGs; returns its path.
 
     Raises RunStateError when run_url holds no complete run, InputError for an unknown objective
     or test id, ConfigError for top/max_tests below 1. Data that cannot be loaded (e.g. a redacted
     presigned URL) only leaves the sample pictures out, with the reason on the page.
+    train/test (Parquet) or data_root (MNIST, CIFAR-10): where the run's data are, checked against
+    its data fingerprint; without them the locations the manifest records are read, after a log
+    line naming them (`ddm_ray.readers`). A report never imports a model.
     """
     log = log or (lambda _msg: None)
     if top < 1 or max_tests < 1:
@@ -548,7 +563,7 @@ def write_report(
                 os.remove(os.path.join(folder, "samples", name))
     except OSError as e:
         raise InputError(f"cannot write the report to {folder}: {brief(e)}") from None
-    samples, sample_note = _load_samples(run, folder, opts)
+    samples, sample_note = _load_samples(run, folder, opts, {"train": train, "test": test, "root": data_root})
     log(sample_note)
     stats = unit_statistics(frame, top)
     _charts(frame, stats, top, os.path.join(folder, "effects.png"))

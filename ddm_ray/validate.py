@@ -32,6 +32,7 @@ from ddm_ray.data import load_dataset
 from ddm_ray.engine.fanout import FanOut
 from ddm_ray.engine.progress import Progress
 from ddm_ray.errors import RunStateError
+from ddm_ray.readers import caller_data, caller_model, check_data_fingerprint
 from ddm_ray.store.run_store import RunStore
 
 _log = logging.getLogger(__name__)
@@ -148,14 +149,26 @@ def validate_run(
     engine: str = "ray",
     num_cpus: int | None = None,
     noise_seeds: int = 0,
+    model: str | None = None,
+    train: str | None = None,
+    test: str | None = None,
+    data_root: str | None = None,
 ) -> dict[str, Any]:
     """Score `n_units` seeded units of the complete run in `out` (all when None) against exact
     retraining, with the gradient-ascent peer beside DDM; writes and returns validation.json.
-    noise_seeds N > 0 also retrains the same units under N other seeds: the noise ceiling."""
+    noise_seeds N > 0 also retrains the same units under N other seeds: the noise ceiling.
+
+    model: the run's user factory ("package.module:factory"), which the caller must give for a run
+    trained on one (a run folder never makes a reader import code); train/test (Parquet) or
+    data_root (MNIST, CIFAR-10): the run's data, checked against its data fingerprint (without
+    them the manifest's locations are read, after a log line naming them; see `ddm_ray.readers`)."""
     log = log or _log.info
     run = open_run(out, storage_options)
     cfg, store, manifest = run_config(run), run.store, run.manifest
+    cfg = caller_model(cfg, model, store.url)
+    cfg = caller_data(cfg, store.url, train, test, data_root)
     ds = load_dataset(cfg.data, storage_options)
+    check_data_fingerprint(manifest, ds, store.url)
     state = store.read_torch(RunStore.MODEL)
     net = Network(cfg.model, ds.input_shape, ds.num_classes)
     if manifest.get("model_fingerprint") not in (None, net.fingerprint()):
