@@ -23,10 +23,13 @@ bar chart of its features. Charts use matplotlib's Agg canvas (no pyplot, no glo
 
 from __future__ import annotations
 
+import contextlib
 import html
+import io
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,11 +97,71 @@ def draw_sample(x: np.ndarray, layout: tuple[int, int, int] | None, lo: float, h
     return img
 
 
+class _OutDir:
+    """A local folder the report writes into through a directory file descriptor, never through
+    a link: every file is created fresh under a random hidden name with O_CREAT | O_EXCL |
+    O_NOFOLLOW, then renamed over its final name (a rename replaces a link planted there instead
+    of writing through it); a sub-folder that is a link is replaced by a real folder, and sub-folders
+    are opened with O_NOFOLLOW. Stale files are unlinked by name (never followed)."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+
+    @classmethod
+    def open(cls, path: str) -> _OutDir:
+        """The folder at path (created if missing), named by the caller: its own path is resolved
+        as given; only what is below it is guarded."""
+        os.makedirs(path, exist_ok=True)
+        return cls(os.open(path, os.O_RDONLY | os.O_DIRECTORY), path)
+
+    def sub(self, name: str) -> _OutDir:
+        """The sub-folder `name`, created if missing; a link in its place is removed first."""
+        import stat
+
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                os.unlink(name, dir_fd=self.fd)
+                raise FileNotFoundError
+        except FileNotFoundError:
+            os.mkdir(name, 0o755, dir_fd=self.fd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=self.fd)
+        return _OutDir(fd, os.path.join(self.path, name))
+
+    def write(self, name: str, data: bytes) -> None:
+        """name's bytes replaced atomically by data, through a fresh exclusive temporary file."""
+        tmp = f".{name}.tmp-{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self.fd)
+            raise
+
+    def names(self) -> list[str]:
+        return os.listdir(self.fd)
+
+    def remove(self, name: str) -> None:
+        os.unlink(name, dir_fd=self.fd)  # removes a link itself, never what it points to
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _png(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
 @dataclass
 class _Samples:
     """Draws train and test samples into <report>/samples/, each once."""
 
-    folder: str
+    out: _OutDir | None  # <report>/samples
     x_train: np.ndarray | None = None  # (N, *shape)
     x_test: np.ndarray | None = None
     train_row: dict[int, int] = field(default_factory=dict)
@@ -118,10 +181,8 @@ class _Samples:
         if x is None or sample_id not in rows:
             return None
         rel = f"samples/{kind}-{sample_id}.png"
-        if rel not in self.written:
-            draw_sample(x[rows[sample_id]], self.layout, self.lo, self.hi).save(
-                os.path.join(self.folder, rel), format="PNG", optimize=False
-            )
+        if rel not in self.written and self.out is not None:
+            self.out.write(rel.split("/", 1)[1], _png(draw_sample(x[rows[sample_id]], self.layout, self.lo, self.hi)))
             self.written.add(rel)
         return rel
 
@@ -133,7 +194,7 @@ class _Samples:
 
 
 def _load_samples(
-    run: AuditRun, folder: str, storage_options: dict[str, str], data: dict[str, str | None]
+    run: AuditRun, folder: _OutDir | None, storage_options: dict[str, str], data: dict[str, str | None]
 ) -> tuple[_Samples, str]:
     """The run's inputs for drawing, and a one-line note (why they are missing, or how drawn).
     data: the caller's train/test/root (`ddm_ray.readers.caller_data`; none: the manifest's,
@@ -485,7 +546,7 @@ def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Sample
     )
 
 
-def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int, path: str) -> None:
+def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int) -> bytes:
     """One PNG of four histograms of per-unit effects."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -511,17 +572,30 @@ def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int, path: str) ->
     fig.suptitle(f"objective {frame.objective}: effect > 0 = the unit helped (removing it worsens the prediction)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
-def _report_folder(run: AuditRun, report_out: str | None) -> str:
-    if report_out is None:
-        if not run.store.local:
-            raise InputError(f"{run.store.url} is not a local folder: give --report-out DIR (a local folder) for its report")
-        return os.path.join(run.store.root, "report")
-    if "://" in report_out and not report_out.startswith("file://"):
-        raise InputError(f"--report-out must be a local folder, got {report_out}")
-    return report_out.removeprefix("file://")
+def _report_folder(run: AuditRun, report_out: str | None) -> _OutDir:
+    """The report's folder: the caller's --report-out as given, or <run>/report, whose `report`
+    is the run folder's own entry and so is never followed if it is a link."""
+    try:
+        if report_out is None:
+            if not run.store.local:
+                raise InputError(f"{run.store.url} is not a local folder: give --report-out DIR (a local folder) "
+                                 "for its report")
+            parent = _OutDir.open(run.store.root)
+            try:
+                return parent.sub("report")
+            finally:
+                parent.close()
+        if "://" in report_out and not report_out.startswith("file://"):
+            raise InputError(f"--report-out must be a local folder, got {report_out}")
+        return _OutDir.open(report_out.removeprefix("file://"))
+    except OSError as e:
+        where = report_out or os.path.join(run.store.root, "report")
+        raise InputError(f"cannot write the report to {where}: {brief(e)}") from None
 
 
 def write_report(
@@ -552,21 +626,48 @@ def write_report(
     t0 = time.perf_counter()
     opts = dict(storage_options or {})
     run = open_run(run_url, opts)
-    folder = _report_folder(run, report_out)
     frame = _frame(run, objective)
     positions = choose_tests(frame, test_ids, max_tests)
     validation = run.store.read_json(RunStore.VALIDATION) if run.store.exists(RunStore.VALIDATION) else None
+    folder = _report_folder(run, report_out)
     try:
-        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-        for name in os.listdir(os.path.join(folder, "samples")):  # drop our own stale pictures only
-            if name.endswith(".png") and name.startswith(("train-", "test-")):
-                os.remove(os.path.join(folder, "samples", name))
+        return _write(run, folder, frame, positions, validation, objective, top, test_ids, opts,
+                      {"train": train, "test": test, "root": data_root}, log, t0)
     except OSError as e:
-        raise InputError(f"cannot write the report to {folder}: {brief(e)}") from None
-    samples, sample_note = _load_samples(run, folder, opts, {"train": train, "test": test, "root": data_root})
-    log(sample_note)
-    stats = unit_statistics(frame, top)
-    _charts(frame, stats, top, os.path.join(folder, "effects.png"))
+        raise InputError(f"cannot write the report to {folder.path}: {brief(e)}") from None
+    finally:
+        folder.close()
+
+
+def _write(
+    run: AuditRun, folder: _OutDir, frame: _Frame, positions: list[int], validation: dict[str, Any] | None,
+    objective: str, top: int, test_ids: Sequence[int] | None, opts: dict[str, str], data: dict[str, str | None],
+    log: Callable[[str], None], t0: float,
+) -> str:
+    pictures = folder.sub("samples")
+    try:
+        for name in pictures.names():  # drop our own stale pictures only
+            if name.endswith(".png") and name.startswith(("train-", "test-")):
+                pictures.remove(name)
+        samples, sample_note = _load_samples(run, pictures, opts, data)
+        log(sample_note)
+        stats = unit_statistics(frame, top)
+        folder.write("effects.png", _charts(frame, stats, top))
+        page = _page(run, frame, positions, samples, sample_note, validation, objective, top, test_ids, stats)
+    finally:
+        pictures.close()
+    folder.write("index.html", page.encode("utf-8"))
+    index = os.path.join(folder.path, "index.html")
+    log(f"report: {len(positions)} test samples, {len(samples.written)} samples drawn, "
+        f"{time.perf_counter() - t0:.1f}s -> {index}")
+    return index
+
+
+def _page(
+    run: AuditRun, frame: _Frame, positions: list[int], samples: _Samples, sample_note: str,
+    validation: dict[str, Any] | None, objective: str, top: int, test_ids: Sequence[int] | None,
+    stats: dict[str, np.ndarray],
+) -> str:
     bars = " bars" if samples.available and samples.layout is None else ""
     title = f"ddm-ray report: {run.store.url}"
     page = (
@@ -585,11 +686,4 @@ def write_report(
         '<img class="chart" src="effects.png" alt="histograms of per-unit effects" width="880" height="512"></section>'
         + "</body></html>\n"
     )
-    index = os.path.join(folder, "index.html")
-    tmp = f"{index}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, index)
-    log(f"report: {len(positions)} test samples, {len(samples.written)} samples drawn, "
-        f"{time.perf_counter() - t0:.1f}s -> {index}")
-    return index
+    return page
