@@ -31,7 +31,7 @@ from ddm_ray.distillation import DistillJob, Shard, distill_synsets
 from ddm_ray.errors import InputError, RunStateError
 from ddm_ray.offline import Offline, stability_of, test_index_table, train_and_units, units_table
 from ddm_ray.online_stage import Block, OnlineJob, online_batch_for
-from ddm_ray.store.lease import LEASE, Lease
+from ddm_ray.store.lease import Lease, is_lease_file
 from ddm_ray.store.run_store import RunStore
 
 FORMAT_VERSION = 2  # 2: shared-pool synsets (artifacts/synset.pt), distillation pieces
@@ -78,7 +78,7 @@ def _check_out(store: RunStore, cfg: RunConfig, resume: bool) -> dict[str, Any] 
     if not store.exists(RunStore.MANIFEST):
         if resume:
             raise RunStateError(f"{store.url}: nothing to resume (no manifest.json)")
-        if [n for n in store.list("") if n != LEASE]:
+        if [n for n in store.list("") if not is_lease_file(n)]:
             # a run deletes only what a manifest of its own says it wrote: never a stranger's files
             raise RunStateError(
                 f"{store.url} is not empty and holds no ddm-ray run; choose an empty or new --out"
