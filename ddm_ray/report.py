@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ddm_ray.api import AuditRun, open_run
-from ddm_ray.errors import ConfigError, InputError, brief
+from ddm_ray.errors import ConfigError, InputError, StorageError, brief
 from ddm_ray.store.run_store import RunStore
 
 MEMBERS_SHOWN = 4  # member samples drawn per unit
@@ -430,10 +430,12 @@ def _fidelity(v: dict[str, Any] | None) -> str:
     head = (f"<p>{_e(v.get('units_validated', '?'))} of {_e(v.get('units_total', '?'))} units retrained exactly; "
             f"speed-up per unit {_e(_fmt(v.get('speedup', '?')))}x, end to end {_e(_fmt(v.get('end_to_end_speedup', '?')))}x.</p>")
     rows = []
-    per_objective = v.get("per_objective") or {}
+    per_objective = v.get("per_objective") if isinstance(v.get("per_objective"), dict) else {}
     names = sorted(per_objective, key=lambda n: (("loss", "margin", "correct") + (n,)).index(n))
     for name, methods in ((n, per_objective[n]) for n in names):
-        for method, s in (methods or {}).items():
+        for method, s in (methods.items() if isinstance(methods, dict) else ()):
+            if not isinstance(s, dict):
+                continue
             rows.append([_e(name), _e(method), *(_e(_fmt(s.get(k, ""))) for k in
                          ("pearson", "spearman", "pearson_per_test_mean", "spearman_per_test_mean"))])
     if not rows:
@@ -441,7 +443,8 @@ def _fidelity(v: dict[str, Any] | None) -> str:
                      _e(_fmt(v.get("spearman", ""))), "", ""])
     nc = v.get("noise_ceiling")
     if isinstance(nc, dict):
-        rows.append([_e(v.get("objective", "loss")), _e(f"noise ceiling ({len(nc.get('seeds', []))} seed(s))"),
+        seeds = nc.get("seeds") if isinstance(nc.get("seeds"), list) else []
+        rows.append([_e(v.get("objective", "loss")), _e(f"noise ceiling ({len(seeds)} seed(s))"),
                      _e(_fmt(nc.get("pearson", ""))), _e(_fmt(nc.get("spearman", ""))), "", ""])
     return head + _table(("objective", "method", "pearson", "spearman", "per-test P", "per-test S"), rows)
 
@@ -577,6 +580,15 @@ def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int) -> bytes:
     return buf.getvalue()
 
 
+def _validation(run: AuditRun) -> dict[str, Any] | None:
+    """validation.json when it is a readable table (anything else: as if absent)."""
+    try:
+        v = run.store.read_json(RunStore.VALIDATION) if run.store.exists(RunStore.VALIDATION) else None
+    except StorageError:
+        return None
+    return v if isinstance(v, dict) else None
+
+
 def _report_folder(run: AuditRun, report_out: str | None) -> _OutDir:
     """The report's folder: the caller's --report-out as given, or <run>/report, whose `report`
     is the run folder's own entry and so is never followed if it is a link."""
@@ -621,14 +633,14 @@ def write_report(
     line naming them (`ddm_ray.readers`). A report never imports a model.
     """
     log = log or (lambda _msg: None)
-    if top < 1 or max_tests < 1:
-        raise ConfigError("--top and --max-tests must be >= 1")
+    if not (1 <= top <= 10_000 and 1 <= max_tests <= 10_000):
+        raise ConfigError("--top and --max-tests must be in [1, 10000]")
     t0 = time.perf_counter()
     opts = dict(storage_options or {})
     run = open_run(run_url, opts)
     frame = _frame(run, objective)
     positions = choose_tests(frame, test_ids, max_tests)
-    validation = run.store.read_json(RunStore.VALIDATION) if run.store.exists(RunStore.VALIDATION) else None
+    validation = _validation(run)
     folder = _report_folder(run, report_out)
     try:
         return _write(run, folder, frame, positions, validation, objective, top, test_ids, opts,

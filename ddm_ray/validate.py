@@ -40,7 +40,7 @@ _log = logging.getLogger(__name__)
 
 def run_config(run: AuditRun) -> RunConfig:
     """The config of an opened run, checked against the hash it was stored under."""
-    cfg = RunConfig.from_dict(run.manifest["config"])
+    cfg = run.config
     if cfg.hash() != run.manifest.get("config_hash"):
         raise RunStateError(f"{run.store.url}: manifest config does not match its hash")
     return cfg
@@ -204,7 +204,7 @@ def validate_run(
             raise RunStateError(f"{out}: attribution rows missing for some units ({name})")
         per_objective[name] = {"ddm": _scores(ddm, exact_t[j]), "gradient_ascent": _scores(ga.deltas[j], exact_t[j])}
     timings = manifest.get("timings_seconds", {})
-    n_total = manifest["counts"]["units"]
+    n_total = int(manifest.get("counts", {}).get("units") or unit_label.numel())
     online_total = float(timings.get("online", float("nan")))
     offline_total = sum(float(timings.get(k, 0.0)) for k in ("train_and_units", "stability", "distill"))
     ddm_s = online_total / n_total
@@ -269,7 +269,7 @@ def print_validation(r: dict[str, Any]) -> None:
         )
     st = r.get("stability")
     if st and st.get("unstable"):
-        print(f"warning: {st['warning']}")
+        print(f"warning: {st.get('warning', 'training ran past its stability limit')}")
     print(
         f"seconds per unit: ddm online {r['ddm_seconds_per_unit']:.5f}, "
         f"ddm offline (amortised) {r['ddm_offline_seconds_per_unit']:.4f}, "

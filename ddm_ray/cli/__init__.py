@@ -30,6 +30,12 @@ def build_parser() -> _Parser:
     return p
 
 
+def one_line(text: str) -> str:
+    """text as one printable line: a message may quote values from a run folder anyone could
+    write (a manifest's config), so line breaks and other control characters are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what `timeout`, `ray job stop` and orchestrators send), raised in the main thread
     like SIGINT's KeyboardInterrupt, so that the same unwinding releases the lease."""
@@ -57,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(a.func(a))
     except DDMError as e:
-        print(f"ddm-ray: error: {e}", file=sys.stderr)
+        print(f"ddm-ray: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except Terminated:
         print(f"ddm-ray: terminated (SIGTERM){resume}", file=sys.stderr)

@@ -12,8 +12,8 @@ from ddm_ray.errors import ConfigError
 def cmd_report(a: argparse.Namespace) -> int:
     if a.run and a.out and a.run != a.out:
         raise ConfigError(f"two run folders given ({a.run} and --out {a.out}); give one")
-    if a.top < 1 or a.max_tests < 1:
-        raise ConfigError("--top and --max-tests must be >= 1")
+    if not (1 <= a.top <= 10_000 and 1 <= a.max_tests <= 10_000):
+        raise ConfigError("--top and --max-tests must be in [1, 10000]")
     from ddm_ray.report import write_report
 
     index = write_report(

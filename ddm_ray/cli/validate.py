@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ddm_ray.cli.common import _logger, add_reader_arguments, add_storage_arguments, storage_options_from_args
+from ddm_ray.config import MAX_CPUS
 from ddm_ray.errors import ConfigError
 
 
@@ -14,6 +15,8 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
     if a.units is not None and a.units < 1:
         raise ConfigError("--units must be >= 1")
+    if a.num_cpus is not None and not 1 <= a.num_cpus <= MAX_CPUS:
+        raise ConfigError(f"--num-cpus must be in [1, {MAX_CPUS}]")
     if a.noise_seeds < 0 or a.noise_seeds > 16:
         raise ConfigError("--noise-seeds must be in [0, 16]")
     if a.run is not None and a.out is not None and a.run.rstrip("/") != a.out.rstrip("/"):
