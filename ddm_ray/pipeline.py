@@ -268,7 +268,11 @@ class Run:
             self.store.remove(RunStore.ATTRIBUTION)
             self.store.remove(RunStore.CHECKSUMS)
             self.store.remove("artifacts")
-            self.store.remove(RunStore.VALIDATION)
+            if self.store.exists(RunStore.VALIDATION):  # it scored the rows this rerun recomputes
+                self.store.remove(RunStore.VALIDATION)
+                logging.getLogger(__name__).warning(
+                    f"rerun without --resume: removed {self.store.url}/{RunStore.VALIDATION} of the previous run; "
+                    "run `ddm-ray validate` again once this run is complete")
         off = self._offline(dataset, resume)
         t0 = time.perf_counter()
         self.stability = self.executor.call(stability_of, self.cfg, off)
