@@ -25,7 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ddm_ray.config import RunConfig
 from ddm_ray.errors import InputError, RunStateError, StorageError
+from ddm_ray.store.manifest import check_manifest, check_status
 from ddm_ray.store.run_store import RunStore
 
 #: For each objective, the sign of delta that means "the unit helped this prediction".
@@ -60,8 +62,13 @@ class AuditRun:
     manifest: dict[str, Any]
 
     @property
+    def config(self) -> RunConfig:
+        """The run's config as its manifest records it (type-checked by `open_run`)."""
+        return RunConfig.from_dict(self.manifest["config"])
+
+    @property
     def objectives(self) -> tuple[str, ...]:
-        return tuple(self.manifest["config"]["online"]["objectives"])
+        return self.config.online.objectives
 
     def check_objective(self, objective: str) -> str:
         """objective itself, or InputError naming the run's objectives."""
@@ -187,12 +194,15 @@ class AuditRun:
 
 
 def open_run(url: str, storage_options: dict[str, str] | None = None) -> AuditRun:
-    """Open a complete ddm-ray run folder (local path or fsspec URL)."""
+    """Open a complete ddm-ray run folder (local path or fsspec URL). Its manifest is checked
+    against the schema readers rely on (`ddm_ray.store.manifest`): RunStateError with one line
+    for a manifest that does not fit. Nothing is imported or opened because the manifest says so."""
     store = RunStore(url, storage_options or {})
     if not store.exists(RunStore.MANIFEST):
         raise RunStateError(f"{url}: no run here (manifest.json missing)")
     manifest = store.read_json(RunStore.MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("status") != "complete":
-        status = manifest.get("status") if isinstance(manifest, dict) else None
-        raise RunStateError(f"{url}: the run is not complete (status {status!r}); finish it with --resume")
-    return AuditRun(store, manifest)
+    where = f"{url}/{RunStore.MANIFEST}"
+    check_status(manifest, where)
+    if manifest["status"] != "complete":
+        raise RunStateError(f"{url}: the run is not complete (status {manifest['status']!r}); finish it with --resume")
+    return AuditRun(store, check_manifest(manifest, where))

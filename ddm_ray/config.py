@@ -37,6 +37,12 @@ def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices
     return field(default=default, metadata=meta)
 
 
+MAX_WIDTH = 16_384  # widest layer of the built-in models (--hidden, --fc-width)
+MAX_PARAMETERS = 200_000_000  # largest built-in model (checked from the input shape before allocating)
+MAX_FEATURES = 2**31 - 1  # values per sample
+MAX_CPUS = 4096
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -73,9 +79,11 @@ class DataConfig:
                 len(self.input_shape) >= 1 and all(d >= 1 for d in self.input_shape),
                 f"input shape must be positive integers, got {self.input_shape}",
             )
+            _check(len(self.input_shape) <= 8 and math.prod(self.input_shape) <= MAX_FEATURES,
+                   f"input shape must have at most 8 dimensions and {MAX_FEATURES} values, got {self.input_shape}")
         for name in ("max_train", "max_test"):
             v = getattr(self, name)
-            _check(v is None or v >= 1, f"{name} must be >= 1")
+            _check(v is None or 1 <= v <= 1_000_000_000, f"{name} must be in [1, 1000000000]")
         for name in ("x_column", "y_column", "id_column"):
             _check(bool(getattr(self, name)), f"{name} must not be empty")
         _check(len({self.x_column, self.y_column, self.id_column}) == 3, "x, y and id columns must differ")
@@ -101,9 +109,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS or bool(_MODEL_REF.match(self.arch)),
                f"unknown model {self.arch!r}; choose mlp, convnet or package.module:factory")
-        _check(all(h >= 1 for h in self.hidden), "hidden widths must be >= 1")
-        _check(len(self.conv_channels) == 2 and min(self.conv_channels) >= 1, "two conv widths >= 1")
-        _check(self.fc_width >= 1, "fc width must be >= 1")
+        _check(all(1 <= h <= MAX_WIDTH for h in self.hidden), f"hidden widths must be in [1, {MAX_WIDTH}]")
+        _check(len(self.hidden) <= 64, "at most 64 hidden layers")
+        _check(len(self.conv_channels) == 2 and 1 <= min(self.conv_channels) and max(self.conv_channels) <= 4096,
+               "two conv widths in [1, 4096]")
+        _check(1 <= self.fc_width <= MAX_WIDTH, f"fc width must be in [1, {MAX_WIDTH}]")
 
 
 @dataclass(frozen=True)
@@ -142,8 +152,8 @@ class UnitConfig:
     def __post_init__(self) -> None:
         _check(1 <= self.clusters_per_class <= 1_000_000, "clusters per class (K) must be in [1, 1000000]")
         _check(self.features in UNIT_FEATURES, f"unit features must be one of {UNIT_FEATURES}")
-        _check(self.kmeans_iters >= 1, "k-means iterations must be >= 1")
-        _check(self.min_size >= 1, "min unit size must be >= 1")
+        _check(1 <= self.kmeans_iters <= 100_000, "k-means iterations must be in [1, 100000]")
+        _check(1 <= self.min_size <= 1_000_000_000, "min unit size must be in [1, 1000000000]")
         _check(self.from_column is None or bool(self.from_column), "--units-from needs a column name")
 
 
@@ -205,18 +215,19 @@ class DistillConfig:
         _check(self.target_solver in TARGET_SOLVERS, f"target solver must be one of {TARGET_SOLVERS}")
         _check(self.ipc >= 1, "IPC must be >= 1")
         _check(self.ipc <= 4096, "IPC must be <= 4096")
-        _check(self.steps >= 0, "distill steps must be >= 0")
-        _check(self.lr > 0, "distill lr must be > 0")
-        _check(self.max_gap >= 1, "max gap must be >= 1")
-        _check(self.unroll_epochs is None or self.unroll_epochs >= 1, "unroll epochs must be >= 1")
+        _check(0 <= self.steps <= 1_000_000, "distill steps must be in [0, 1000000]")
+        _check(math.isfinite(self.lr) and self.lr > 0, "distill lr must be a finite number > 0")
+        _check(1 <= self.max_gap <= 100_000, "max gap must be in [1, 100000]")
+        _check(self.unroll_epochs is None or 1 <= self.unroll_epochs <= 100_000, "unroll epochs must be in [1, 100000]")
         _check(1 <= self.probe_samples <= 65536, "probe samples must be in [1, 65536]")
         _check(1 <= self.probe_rank <= 4096, "probe rank must be in [1, 4096]")
         _check(self.unrolled_rank is None or 1 <= self.unrolled_rank <= 4096, "unrolled rank must be in [1, 4096]")
-        _check(self.probe_norm >= 0, "probe norm must be >= 0")
+        _check(math.isfinite(self.probe_norm) and 0 <= self.probe_norm <= 16, "probe norm must be in [0, 16]")
         _check(self.probe_pool in PROBE_POOLS, f"probe pool must be one of {PROBE_POOLS}")
         _check(self.probe_energy is None or 0 < self.probe_energy <= 1, "probe energy must be in (0, 1]")
         _check(0 <= self.ridge < 1, "ridge must be in [0, 1)")
-        _check(self.influence_damping > 0, "influence damping must be > 0")
+        _check(math.isfinite(self.influence_damping) and self.influence_damping > 0,
+               "influence damping must be a finite number > 0")
         _check(self.blend_weight is None or 0 <= self.blend_weight <= 1, "blend weight must be in [0, 1]")
         _check(1 <= self.calibration_units <= 64, "calibration units must be in [1, 64]")
 
@@ -243,7 +254,7 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"method must be one of {METHODS}")
         _check(self.precision in ("fp32", "tf32", "bf16"), "precision must be fp32, tf32 or bf16")
-        _check(self.steps >= 1, "online steps must be >= 1")
+        _check(1 <= self.steps <= 10_000, "online steps must be in [1, 10000]")
         _check(math.isfinite(self.lr) and self.lr > 0, "online lr must be a finite number > 0")
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         _check(not bad and len(self.objectives) > 0, f"objectives must be a subset of {OBJECTIVES}")
@@ -298,25 +309,63 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        def build(klass: type, sub: dict[str, Any]) -> Any:
-            kwargs = {}
-            for f in dataclasses.fields(klass):
-                if f.name in sub:
-                    v = sub[f.name]
-                    kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+        """The config a manifest (`to_dict`) records, every value type-checked against its field:
+        ConfigError with one line naming the key (`config.train.epochs: expected an integer, got
+        '5'`) for a value of another type, and the dataclasses' own checks after that."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: expected a table of sections, got {_shown(d)}")
+
+        def build(name: str, klass: type, sub: Any) -> Any:
+            if not isinstance(sub, dict):
+                raise ConfigError(f"config.{name}: expected a table, got {_shown(sub)}")
+            kwargs = {f.name: _typed(f, sub[f.name], f"config.{name}.{f.name}")
+                      for f in dataclasses.fields(klass) if f.name in sub}
             return klass(**kwargs)
 
-        units = dict(d.get("units", {}))
-        if units and "min_size" not in units:  # manifests from before units were merged: raw clusters
-            units["min_size"] = 1
-        return cls(
-            data=build(DataConfig, d.get("data", {})),
-            model=build(ModelConfig, d.get("model", {})),
-            train=build(TrainConfig, d.get("train", {})),
-            units=build(UnitConfig, units),
-            distill=build(DistillConfig, d.get("distill", {})),
-            online=build(OnlineConfig, d.get("online", {})),
-        )
+        units = d.get("units", {})
+        if isinstance(units, dict) and units and "min_size" not in units:
+            units = {**units, "min_size": 1}  # manifests from before units were merged: raw clusters
+        sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "units": UnitConfig,
+                    "distill": DistillConfig, "online": OnlineConfig}
+        return cls(**{name: build(name, klass, units if name == "units" else d.get(name, {}))
+                      for name, klass in sections.items()})
+
+
+def _shown(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_WANT = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _typed(f: dataclasses.Field, v: Any, where: str) -> Any:  # type: ignore[type-arg]
+    """v as field f's type (a JSON list as a tuple, an integer as a float), or ConfigError."""
+    text = str(f.type).replace(" ", "")
+    optional = text.endswith("|None")
+    base = text[: -len("|None")] if optional else text
+
+    def one(kind: str, x: Any) -> bool:
+        if kind == "str":
+            return isinstance(x, str)
+        if kind == "bool":
+            return isinstance(x, bool)
+        if kind == "int":
+            return isinstance(x, int) and not isinstance(x, bool)
+        return isinstance(x, (int, float)) and not isinstance(x, bool)  # float
+
+    if v is None and optional:
+        return None
+    if base.startswith("tuple["):
+        kind = base[len("tuple["):].split(",")[0].rstrip("]")
+        if isinstance(v, (list, tuple)) and all(one(kind, x) for x in v):
+            return tuple(float(x) if kind == "float" else x for x in v)
+        raise ConfigError(f"{where}: expected a list of {_WANT[kind].split(' ', 1)[1]}s, got {_shown(v)}")
+    if base in _WANT:
+        if one(base, v):
+            return float(v) if base == "float" else v
+        raise ConfigError(f"{where}: expected {_WANT[base]}{' or null' if optional else ''}, got {_shown(v)}")
+    return v  # pragma: no cover - a field type without a check here
 
 
 @dataclass(frozen=True)
@@ -343,10 +392,12 @@ class ExecConfig:
     def __post_init__(self) -> None:
         _check(self.engine in ("ray", "local"), "engine must be ray or local")
         _check(self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
-        _check(self.online_batch is None or self.online_batch >= 1, "online batch must be >= 1")
-        _check(self.block_units is None or self.block_units >= 1, "block units must be >= 1")
-        _check(self.max_in_flight is None or self.max_in_flight >= 1, "max in flight must be >= 1")
-        _check(math.isfinite(self.connect_timeout_s) and self.connect_timeout_s > 0, "connect timeout must be finite and > 0")
+        _check(self.online_batch is None or 1 <= self.online_batch <= 65_536, "online batch must be in [1, 65536]")
+        _check(self.block_units is None or 1 <= self.block_units <= 1_000_000, "block units must be in [1, 1000000]")
+        _check(self.max_in_flight is None or 1 <= self.max_in_flight <= 100_000, "max in flight must be in [1, 100000]")
+        _check(self.num_cpus is None or 1 <= self.num_cpus <= MAX_CPUS, f"num cpus must be in [1, {MAX_CPUS}]")
+        _check(math.isfinite(self.connect_timeout_s) and 0 < self.connect_timeout_s <= 86_400,
+               "connect timeout must be in (0, 86400] seconds")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -12,7 +12,6 @@ An executor (`ddm_ray.engine`) decides where shards, blocks and one-process call
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import platform
 import time
@@ -30,12 +29,12 @@ from ddm_ray.core.synset import Synset
 from ddm_ray.core.training import Trajectory
 from ddm_ray.core.units import Units
 from ddm_ray.cost import break_even_units, cost_lines, estimate_cost, time_kernels
-from ddm_ray.data import Dataset, load_dataset
+from ddm_ray.data import Dataset, data_fingerprint, load_dataset
 from ddm_ray.distillation import DistillJob, Shard, distill_synsets
 from ddm_ray.errors import InputError, RunStateError
 from ddm_ray.offline import Offline, stability_of, test_index_table, train_and_units, units_table
 from ddm_ray.online_stage import Block, ExactJob, OnlineJob, online_batch_for
-from ddm_ray.store.lease import LEASE, Lease
+from ddm_ray.store.lease import Lease, is_lease_file
 from ddm_ray.store.run_store import RunStore
 
 FORMAT_VERSION = 2  # 2: shared-pool synsets (artifacts/synset.pt), distillation pieces
@@ -81,21 +80,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def data_fingerprint(ds: Dataset) -> str:
-    """sha256 (16 hex) of the loaded inputs, labels and ids of both splits."""
-    h = hashlib.sha256()
-    for t in (ds.x_train, ds.y_train, ds.train_ids, ds.x_test, ds.y_test, ds.test_ids):
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().numpy().tobytes())
-    h.update(repr(ds.classes).encode())
-    return h.hexdigest()[:16]
-
-
 def _check_out(store: RunStore, cfg: RunConfig, resume: bool) -> dict[str, Any] | None:
     if not store.exists(RunStore.MANIFEST):
         if resume:
             raise RunStateError(f"{store.url}: nothing to resume (no manifest.json)")
-        if [n for n in store.list("") if n != LEASE]:
+        if [n for n in store.list("") if not is_lease_file(n)]:
             # a run deletes only what a manifest of its own says it wrote: never a stranger's files
             raise RunStateError(
                 f"{store.url} is not empty and holds no ddm-ray run; choose an empty or new --out"
@@ -347,7 +336,11 @@ class Run:
             self.store.remove(RunStore.ATTRIBUTION)
             self.store.remove(RunStore.CHECKSUMS)
             self.store.remove("artifacts")
-            self.store.remove(RunStore.VALIDATION)
+            if self.store.exists(RunStore.VALIDATION):  # it scored the rows this rerun recomputes
+                self.store.remove(RunStore.VALIDATION)
+                logging.getLogger(__name__).warning(
+                    f"rerun without --resume: removed {self.store.url}/{RunStore.VALIDATION} of the previous run; "
+                    "run `ddm-ray validate` again once this run is complete")
         off = self._offline(dataset, resume)
         t0 = time.perf_counter()
         self.stability = self.executor.call(stability_of, self.cfg, off)

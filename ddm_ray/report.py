@@ -23,10 +23,13 @@ bar chart of its features. Charts use matplotlib's Agg canvas (no pyplot, no glo
 
 from __future__ import annotations
 
+import contextlib
 import html
+import io
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ddm_ray.api import AuditRun, open_run
-from ddm_ray.errors import ConfigError, InputError, brief
+from ddm_ray.errors import ConfigError, InputError, StorageError, brief
 from ddm_ray.store.run_store import RunStore
 
 MEMBERS_SHOWN = 4  # member samples drawn per unit
@@ -94,11 +97,71 @@ def draw_sample(x: np.ndarray, layout: tuple[int, int, int] | None, lo: float, h
     return img
 
 
+class _OutDir:
+    """A local folder the report writes into through a directory file descriptor, never through
+    a link: every file is created fresh under a random hidden name with O_CREAT | O_EXCL |
+    O_NOFOLLOW, then renamed over its final name (a rename replaces a link planted there instead
+    of writing through it); a sub-folder that is a link is replaced by a real folder, and sub-folders
+    are opened with O_NOFOLLOW. Stale files are unlinked by name (never followed)."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+
+    @classmethod
+    def open(cls, path: str) -> _OutDir:
+        """The folder at path (created if missing), named by the caller: its own path is resolved
+        as given; only what is below it is guarded."""
+        os.makedirs(path, exist_ok=True)
+        return cls(os.open(path, os.O_RDONLY | os.O_DIRECTORY), path)
+
+    def sub(self, name: str) -> _OutDir:
+        """The sub-folder `name`, created if missing; a link in its place is removed first."""
+        import stat
+
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                os.unlink(name, dir_fd=self.fd)
+                raise FileNotFoundError
+        except FileNotFoundError:
+            os.mkdir(name, 0o755, dir_fd=self.fd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=self.fd)
+        return _OutDir(fd, os.path.join(self.path, name))
+
+    def write(self, name: str, data: bytes) -> None:
+        """name's bytes replaced atomically by data, through a fresh exclusive temporary file."""
+        tmp = f".{name}.tmp-{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self.fd)
+            raise
+
+    def names(self) -> list[str]:
+        return os.listdir(self.fd)
+
+    def remove(self, name: str) -> None:
+        os.unlink(name, dir_fd=self.fd)  # removes a link itself, never what it points to
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _png(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
 @dataclass
 class _Samples:
     """Draws train and test samples into <report>/samples/, each once."""
 
-    folder: str
+    out: _OutDir | None  # <report>/samples
     x_train: np.ndarray | None = None  # (N, *shape)
     x_test: np.ndarray | None = None
     train_row: dict[int, int] = field(default_factory=dict)
@@ -118,10 +181,8 @@ class _Samples:
         if x is None or sample_id not in rows:
             return None
         rel = f"samples/{kind}-{sample_id}.png"
-        if rel not in self.written:
-            draw_sample(x[rows[sample_id]], self.layout, self.lo, self.hi).save(
-                os.path.join(self.folder, rel), format="PNG", optimize=False
-            )
+        if rel not in self.written and self.out is not None:
+            self.out.write(rel.split("/", 1)[1], _png(draw_sample(x[rows[sample_id]], self.layout, self.lo, self.hi)))
             self.written.add(rel)
         return rel
 
@@ -132,14 +193,23 @@ class _Samples:
         return self._draw("test", test_id)
 
 
-def _load_samples(run: AuditRun, folder: str, storage_options: dict[str, str]) -> tuple[_Samples, str]:
-    """The run's inputs for drawing, and a one-line note (why they are missing, or how drawn)."""
+def _load_samples(
+    run: AuditRun, folder: _OutDir | None, storage_options: dict[str, str], data: dict[str, str | None]
+) -> tuple[_Samples, str]:
+    """The run's inputs for drawing, and a one-line note (why they are missing, or how drawn).
+    data: the caller's train/test/root (`ddm_ray.readers.caller_data`; none: the manifest's,
+    named in a log line first), checked against the run's data fingerprint."""
     samples = _Samples(folder)
     try:
         from ddm_ray.config import RunConfig
         from ddm_ray.data import load_dataset
+        from ddm_ray.readers import caller_data, check_data_fingerprint
 
-        ds = load_dataset(RunConfig.from_dict(run.manifest["config"]).data, storage_options)
+        cfg = caller_data(RunConfig.from_dict(run.manifest["config"]), run.store.url, **data)
+        ds = load_dataset(cfg.data, storage_options)
+        check_data_fingerprint(run.manifest, ds, run.store.url)
+    except ConfigError:
+        raise  # the caller's options contradict the run: say so rather than drop the pictures
     except Exception as e:  # noqa: BLE001  any failure here only costs the pictures
         return samples, f"Sample images not drawn: the run's data could not be loaded ({brief(e)})."
     samples.x_train = ds.x_train.numpy()
@@ -364,10 +434,12 @@ def _fidelity(v: dict[str, Any] | None) -> str:
     head = (f"<p>{_e(v.get('units_validated', '?'))} of {_e(v.get('units_total', '?'))} units retrained exactly; "
             f"speed-up per unit {_e(_fmt(v.get('speedup', '?')))}x, end to end {_e(_fmt(v.get('end_to_end_speedup', '?')))}x.</p>")
     rows = []
-    per_objective = v.get("per_objective") or {}
+    per_objective = v.get("per_objective") if isinstance(v.get("per_objective"), dict) else {}
     names = sorted(per_objective, key=lambda n: (("loss", "margin", "correct") + (n,)).index(n))
     for name, methods in ((n, per_objective[n]) for n in names):
-        for method, s in (methods or {}).items():
+        for method, s in (methods.items() if isinstance(methods, dict) else ()):
+            if not isinstance(s, dict):
+                continue
             rows.append([_e(name), _e(method), *(_e(_fmt(s.get(k, ""))) for k in
                          ("pearson", "spearman", "pearson_per_test_mean", "spearman_per_test_mean"))])
     if not rows:
@@ -375,7 +447,8 @@ def _fidelity(v: dict[str, Any] | None) -> str:
                      _e(_fmt(v.get("spearman", ""))), "", ""])
     nc = v.get("noise_ceiling")
     if isinstance(nc, dict):
-        rows.append([_e(v.get("objective", "loss")), _e(f"noise ceiling ({len(nc.get('seeds', []))} seed(s))"),
+        seeds = nc.get("seeds") if isinstance(nc.get("seeds"), list) else []
+        rows.append([_e(v.get("objective", "loss")), _e(f"noise ceiling ({len(seeds)} seed(s))"),
                      _e(_fmt(nc.get("pearson", ""))), _e(_fmt(nc.get("spearman", ""))), "", ""])
     return head + _table(("objective", "method", "pearson", "spearman", "per-test P", "per-test S"), rows)
 
@@ -480,7 +553,7 @@ def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Sample
     )
 
 
-def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int, path: str) -> None:
+def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int) -> bytes:
     """One PNG of four histograms of per-unit effects."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -506,17 +579,39 @@ def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int, path: str) ->
     fig.suptitle(f"objective {frame.objective}: effect > 0 = the unit helped (removing it worsens the prediction)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
-def _report_folder(run: AuditRun, report_out: str | None) -> str:
-    if report_out is None:
-        if not run.store.local:
-            raise InputError(f"{run.store.url} is not a local folder: give --report-out DIR (a local folder) for its report")
-        return os.path.join(run.store.root, "report")
-    if "://" in report_out and not report_out.startswith("file://"):
-        raise InputError(f"--report-out must be a local folder, got {report_out}")
-    return report_out.removeprefix("file://")
+def _validation(run: AuditRun) -> dict[str, Any] | None:
+    """validation.json when it is a readable table (anything else: as if absent)."""
+    try:
+        v = run.store.read_json(RunStore.VALIDATION) if run.store.exists(RunStore.VALIDATION) else None
+    except StorageError:
+        return None
+    return v if isinstance(v, dict) else None
+
+
+def _report_folder(run: AuditRun, report_out: str | None) -> _OutDir:
+    """The report's folder: the caller's --report-out as given, or <run>/report, whose `report`
+    is the run folder's own entry and so is never followed if it is a link."""
+    try:
+        if report_out is None:
+            if not run.store.local:
+                raise InputError(f"{run.store.url} is not a local folder: give --report-out DIR (a local folder) "
+                                 "for its report")
+            parent = _OutDir.open(run.store.root)
+            try:
+                return parent.sub("report")
+            finally:
+                parent.close()
+        if "://" in report_out and not report_out.startswith("file://"):
+            raise InputError(f"--report-out must be a local folder, got {report_out}")
+        return _OutDir.open(report_out.removeprefix("file://"))
+    except OSError as e:
+        where = report_out or os.path.join(run.store.root, "report")
+        raise InputError(f"cannot write the report to {where}: {brief(e)}") from None
 
 
 def write_report(
@@ -528,34 +623,67 @@ def write_report(
     max_tests: int = 12,
     storage_options: dict[str, str] | None = None,
     log: Callable[[str], None] | None = None,
+    train: str | None = None,
+    test: str | None = None,
+    data_root: str | None = None,
 ) -> str:
     """Write <run>/report/index.html (or <report_out>/index.html) and its PNGs; returns its path.
 
     Raises RunStateError when run_url holds no complete run, InputError for an unknown objective
     or test id, ConfigError for top/max_tests below 1. Data that cannot be loaded (e.g. a redacted
     presigned URL) only leaves the sample pictures out, with the reason on the page.
+    train/test (Parquet) or data_root (MNIST, CIFAR-10): where the run's data are, checked against
+    its data fingerprint; without them the locations the manifest records are read, after a log
+    line naming them (`ddm_ray.readers`). A report never imports a model.
     """
     log = log or (lambda _msg: None)
-    if top < 1 or max_tests < 1:
-        raise ConfigError("--top and --max-tests must be >= 1")
+    if not (1 <= top <= 10_000 and 1 <= max_tests <= 10_000):
+        raise ConfigError("--top and --max-tests must be in [1, 10000]")
     t0 = time.perf_counter()
     opts = dict(storage_options or {})
     run = open_run(run_url, opts)
-    folder = _report_folder(run, report_out)
     frame = _frame(run, objective)
     positions = choose_tests(frame, test_ids, max_tests)
-    validation = run.store.read_json(RunStore.VALIDATION) if run.store.exists(RunStore.VALIDATION) else None
+    validation = _validation(run)
+    folder = _report_folder(run, report_out)
     try:
-        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-        for name in os.listdir(os.path.join(folder, "samples")):  # drop our own stale pictures only
-            if name.endswith(".png") and name.startswith(("train-", "test-")):
-                os.remove(os.path.join(folder, "samples", name))
+        return _write(run, folder, frame, positions, validation, objective, top, test_ids, opts,
+                      {"train": train, "test": test, "root": data_root}, log, t0)
     except OSError as e:
-        raise InputError(f"cannot write the report to {folder}: {brief(e)}") from None
-    samples, sample_note = _load_samples(run, folder, opts)
-    log(sample_note)
-    stats = unit_statistics(frame, top)
-    _charts(frame, stats, top, os.path.join(folder, "effects.png"))
+        raise InputError(f"cannot write the report to {folder.path}: {brief(e)}") from None
+    finally:
+        folder.close()
+
+
+def _write(
+    run: AuditRun, folder: _OutDir, frame: _Frame, positions: list[int], validation: dict[str, Any] | None,
+    objective: str, top: int, test_ids: Sequence[int] | None, opts: dict[str, str], data: dict[str, str | None],
+    log: Callable[[str], None], t0: float,
+) -> str:
+    pictures = folder.sub("samples")
+    try:
+        for name in pictures.names():  # drop our own stale pictures only
+            if name.endswith(".png") and name.startswith(("train-", "test-")):
+                pictures.remove(name)
+        samples, sample_note = _load_samples(run, pictures, opts, data)
+        log(sample_note)
+        stats = unit_statistics(frame, top)
+        folder.write("effects.png", _charts(frame, stats, top))
+        page = _page(run, frame, positions, samples, sample_note, validation, objective, top, test_ids, stats)
+    finally:
+        pictures.close()
+    folder.write("index.html", page.encode("utf-8"))
+    index = os.path.join(folder.path, "index.html")
+    log(f"report: {len(positions)} test samples, {len(samples.written)} samples drawn, "
+        f"{time.perf_counter() - t0:.1f}s -> {index}")
+    return index
+
+
+def _page(
+    run: AuditRun, frame: _Frame, positions: list[int], samples: _Samples, sample_note: str,
+    validation: dict[str, Any] | None, objective: str, top: int, test_ids: Sequence[int] | None,
+    stats: dict[str, np.ndarray],
+) -> str:
     bars = " bars" if samples.available and samples.layout is None else ""
     title = f"ddm-ray report: {run.store.url}"
     page = (
@@ -574,11 +702,4 @@ def write_report(
         '<img class="chart" src="effects.png" alt="histograms of per-unit effects" width="880" height="512"></section>'
         + "</body></html>\n"
     )
-    index = os.path.join(folder, "index.html")
-    tmp = f"{index}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, index)
-    log(f"report: {len(positions)} test samples, {len(samples.written)} samples drawn, "
-        f"{time.perf_counter() - t0:.1f}s -> {index}")
-    return index
+    return page

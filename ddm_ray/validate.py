@@ -32,6 +32,7 @@ from ddm_ray.data import load_dataset
 from ddm_ray.engine.fanout import FanOut
 from ddm_ray.engine.progress import Progress
 from ddm_ray.errors import RunStateError
+from ddm_ray.readers import caller_data, caller_model, check_data_fingerprint
 from ddm_ray.store.run_store import RunStore
 
 _log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ _log = logging.getLogger(__name__)
 
 def run_config(run: AuditRun) -> RunConfig:
     """The config of an opened run, checked against the hash it was stored under."""
-    cfg = RunConfig.from_dict(run.manifest["config"])
+    cfg = run.config
     if cfg.hash() != run.manifest.get("config_hash"):
         raise RunStateError(f"{run.store.url}: manifest config does not match its hash")
     return cfg
@@ -148,10 +149,19 @@ def validate_run(
     engine: str = "ray",
     num_cpus: int | None = None,
     noise_seeds: int = 0,
+    model: str | None = None,
+    train: str | None = None,
+    test: str | None = None,
+    data_root: str | None = None,
 ) -> dict[str, Any]:
     """Score `n_units` seeded units of the complete run in `out` (all when None) against exact
     retraining, with the gradient-ascent peer beside DDM; writes and returns validation.json.
-    noise_seeds N > 0 also retrains the same units under N other seeds: the noise ceiling."""
+    noise_seeds N > 0 also retrains the same units under N other seeds: the noise ceiling.
+
+    model: the run's user factory ("package.module:factory"), which the caller must give for a run
+    trained on one (a run folder never makes a reader import code); train/test (Parquet) or
+    data_root (MNIST, CIFAR-10): the run's data, checked against its data fingerprint (without
+    them the manifest's locations are read, after a log line naming them; see `ddm_ray.readers`)."""
     log = log or _log.info
     run = open_run(out, storage_options)
     cfg, store, manifest = run_config(run), run.store, run.manifest
@@ -160,7 +170,10 @@ def validate_run(
             f"{out}: its rows are exact leave-one-out retraining (--method exact), the ground truth validate "
             "compares with; there is nothing to validate"
         )
+    cfg = caller_model(cfg, model, store.url)
+    cfg = caller_data(cfg, store.url, train, test, data_root)
     ds = load_dataset(cfg.data, storage_options)
+    check_data_fingerprint(manifest, ds, store.url)
     state = store.read_torch(RunStore.MODEL)
     net = Network(cfg.model, ds.input_shape, ds.num_classes)
     if manifest.get("model_fingerprint") not in (None, net.fingerprint()):
@@ -196,7 +209,7 @@ def validate_run(
             raise RunStateError(f"{out}: attribution rows missing for some units ({name})")
         per_objective[name] = {"ddm": _scores(ddm, exact_t[j]), "gradient_ascent": _scores(ga.deltas[j], exact_t[j])}
     timings = manifest.get("timings_seconds", {})
-    n_total = manifest["counts"]["units"]
+    n_total = int(manifest.get("counts", {}).get("units") or unit_label.numel())
     online_total = float(timings.get("online", float("nan")))
     offline_total = sum(float(timings.get(k, 0.0)) for k in ("train_and_units", "stability", "distill"))
     ddm_s = online_total / n_total
@@ -261,7 +274,7 @@ def print_validation(r: dict[str, Any]) -> None:
         )
     st = r.get("stability")
     if st and st.get("unstable"):
-        print(f"warning: {st['warning']}")
+        print(f"warning: {st.get('warning', 'training ran past its stability limit')}")
     print(
         f"seconds per unit: ddm online {r['ddm_seconds_per_unit']:.5f}, "
         f"ddm offline (amortised) {r['ddm_offline_seconds_per_unit']:.4f}, "

@@ -1,6 +1,7 @@
 """`ddm-ray` end to end on tiny data: outputs, determinism, validation and bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -203,6 +204,19 @@ def test_a_rerun_marks_the_run_not_complete_before_deleting(tmp_path, tiny_parqu
     assert seen and all(status == "running" for _rel, status in seen)
     monkeypatch.setattr(RunStore, "remove", real_remove)
     assert main(["inspect", "--out", out, "--test-id", "3"]) != 0  # not complete: refused
+
+
+def test_a_rerun_without_resume_says_it_removed_validation_json(tmp_path, tiny_parquet, capsys):
+    rc, out = _run(tmp_path, tiny_parquet)
+    assert rc == 0 and main(["validate", out, "--units", "1", "--engine", "local", "--quiet"]) == 0
+    assert os.path.exists(f"{out}/validation.json")
+    capsys.readouterr()
+    assert _run(tmp_path, tiny_parquet)[0] == 0  # --quiet: warnings only
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "removed" in err[0] and "validation.json" in err[0] and "ddm-ray validate" in err[0], err
+    assert not os.path.exists(f"{out}/validation.json")
+    assert _run(tmp_path, tiny_parquet)[0] == 0  # nothing to remove: nothing said
+    assert "validation.json" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["huge_lr", "huge_inputs"])

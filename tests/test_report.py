@@ -158,6 +158,46 @@ def test_report_without_the_data_still_renders(tabular_run, tmp_path):
     assert 'id="tests"' in page and 'data-unit-id="' in page and (copy / "report" / "effects.png").is_file()
 
 
+def test_report_never_writes_through_planted_links(tabular_run, tmp_path):
+    """Links planted in <run>/report/ (the temporary name, the chart, a picture, the samples
+    folder itself, the report folder) point outside the run: those files stay untouched, and the
+    report's own files are regular files inside the run."""
+    copy = tmp_path / "run"
+    shutil.copytree(tabular_run, copy, ignore=shutil.ignore_patterns("report"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victims = {name: outside / name for name in ("tmp", "effects", "picture", "index")}
+    for path in victims.values():
+        path.write_text("precious")
+    rep = copy / "report"
+    (rep / "samples").mkdir(parents=True)
+    os.symlink(victims["tmp"], rep / "index.html.tmp")
+    os.symlink(victims["effects"], rep / "effects.png")
+    os.symlink(victims["index"], rep / "index.html")
+    os.symlink(victims["picture"], rep / "samples" / "train-0.png")
+    index = write_report(str(copy), max_tests=2)
+    assert all(p.read_text() == "precious" for p in victims.values())
+    for name in ("index.html", "effects.png"):
+        assert (rep / name).is_file() and not (rep / name).is_symlink()
+    assert not (rep / "samples" / "train-0.png").is_symlink()
+    assert Path(index) == rep / "index.html" and "<!DOCTYPE html>" in _page(index)
+
+    # the samples folder, then the report folder itself, as links to a folder outside
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "train-1.png").write_text("theirs")
+    shutil.rmtree(rep / "samples")
+    os.symlink(theirs, rep / "samples")
+    write_report(str(copy), max_tests=2)
+    assert sorted(os.listdir(theirs)) == ["train-1.png"] and (theirs / "train-1.png").read_text() == "theirs"
+    assert (rep / "samples").is_dir() and not (rep / "samples").is_symlink() and os.listdir(rep / "samples")
+    shutil.rmtree(rep)
+    os.symlink(theirs, rep)
+    write_report(str(copy), max_tests=2)
+    assert sorted(os.listdir(theirs)) == ["train-1.png"] and rep.is_dir() and not rep.is_symlink()
+    assert not [n for n in os.listdir(rep) if ".tmp" in n], "no temporary file left behind"
+
+
 @pytest.fixture
 def s3_run(tabular_run, monkeypatch):
     """The tabular run copied into a moto S3 bucket: (s3 URL, storage options)."""

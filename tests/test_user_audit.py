@@ -85,7 +85,8 @@ def test_user_cnn_string_labels_and_source_units_on_ray_then_validate(workdir: P
     assert run.manifest["execution"]["engine"] == "ray" and run.manifest["data"]["input_shape"] == [1, 8, 8]
     assert run.manifest["data"]["label_names"] == sorted(NAMES.tolist())
 
-    v = _cli(workdir, "validate", "--out", out, "--engine", "ray", "--num-cpus", "2", "--quiet")
+    v = _cli(workdir, "validate", "--out", out, "--model", "mymodels:build", "--engine", "ray", "--num-cpus", "2",
+             "--quiet")
     assert v.returncode == 0, v.stderr[-3000:]
     report = json.loads((Path(out) / "validation.json").read_text())
     assert report["units_total"] == report["units_validated"] == 7 and report["pearson"] > 0.5
@@ -146,7 +147,7 @@ def test_an_edited_user_model_does_not_resume_or_validate(workdir: Path) -> None
     assert _cli(d, *args).returncode == 0
     source = (d / "editable_models.py").read_text()
     (d / "editable_models.py").write_text(source.replace("nn.Linear(64, num_classes)", "nn.Linear(64, num_classes, bias=False)"))
-    for cmd in (["run", *args[1:], "--resume"], ["validate", "--out", out, "--engine", "local", "--units", "2"]):
+    for cmd in (["run", *args[1:], "--resume"], ["validate", "--out", out, "--model", "editable_models:build", "--engine", "local", "--units", "2"]):
         r = _cli(d, *cmd)
         assert r.returncode != 0 and "model" in r.stderr and "changed since" in r.stderr, r.stderr[-2000:]
         assert len(r.stderr.strip().splitlines()) == 1

@@ -43,19 +43,21 @@ class BenchConfig:
                 raise ConfigError(msg)
 
         check(self.units is None or self.units >= 2, "--units must be >= 2")
-        check(self.masks >= 0, "--masks must be >= 0")
-        check(self.fit_masks >= 0, "--fit-masks must be >= 0")
+        check(self.units is None or self.units <= 10_000_000, "--units must be <= 10000000")
+        check(0 <= self.masks <= 100_000, "--masks must be in [0, 100000]")
+        check(0 <= self.fit_masks <= 1_000_000, "--fit-masks must be in [0, 1000000]")
         check(0 < self.alpha < 1, "--alpha must be in (0, 1)")
         check(self.ridge >= 0, "--ridge must be >= 0")
         bad = [p for p in (*self.peers, *self.quality_peers) if p not in PEER_NAMES]
         check(not bad, f"unknown peers {bad}; choose from {PEER_NAMES}")
-        check(self.ga_steps >= 1, "--ga-steps must be >= 1")
+        check(1 <= self.ga_steps <= 10_000, "--ga-steps must be in [1, 10000]")
+        check(1 <= self.if_max_exact <= 50_000, "--if-max-exact must be in [1, 50000] (the exact Hessian is its square)")
         check(self.if_damping >= 0, "--if-damping must be >= 0")
         check(self.if_curvature in ("abs", "damped"), "--if-curvature must be abs or damped")
         check(0 <= self.noise_fraction < 1, "--noise-fraction must be in [0, 1)")
         check(self.noise_kind in ("pair", "uniform"), "--noise-kind must be pair or uniform")
         check(all(0 < f < 1 for f in self.remove_fractions), "--remove-fractions must be in (0, 1)")
-        check(self.random_repeats >= 1, "--random-repeats must be >= 1")
+        check(1 <= self.random_repeats <= 1000, "--random-repeats must be in [1, 1000]")
 
 
 
@@ -78,3 +80,7 @@ class ScalingConfig:
             raise ConfigError("synthetic data needs train >= units, test >= 1, features >= 1, classes >= 2")
         if self.validate_units < 2:
             raise ConfigError("validate at least 2 units")
+        if max(self.units) > 10_000_000 or self.train > 100_000_000 or self.test > 10_000_000 \
+                or self.features > 1_000_000 or self.classes > 100_000 or self.validate_units > 100_000:
+            raise ConfigError("synthetic sizes too large: at most 10000000 units, 100000000 train and 10000000 test "
+                              "samples, 1000000 features, 100000 classes, 100000 validated units")

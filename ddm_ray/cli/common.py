@@ -34,6 +34,19 @@ def add_storage_arguments(p: argparse.ArgumentParser) -> None:
                    help="key=value lines of storage options, credentials included (kept out of argv)")
 
 
+def add_reader_arguments(p: argparse.ArgumentParser, model: bool) -> None:
+    """What a reader of a finished run takes from its caller rather than from the run folder
+    (`ddm_ray.readers`): the user model's factory and the data locations."""
+    if model:
+        p.add_argument("--model", metavar="MODULE:FACTORY",
+                       help="the run's user model (required for a run trained on one: a run folder never makes "
+                            "ddm-ray import code); checked against the run's model fingerprint")
+    p.add_argument("--train", metavar="URL", help="the run's training Parquet (default: the location its manifest "
+                                                  "records, logged); checked against its data fingerprint")
+    p.add_argument("--test", metavar="URL", help="the run's test Parquet (with --train)")
+    p.add_argument("--data-root", metavar="DIR", help="the run's MNIST / CIFAR-10 folder (default: as recorded, logged)")
+
+
 def storage_options_from_args(a: argparse.Namespace) -> dict[str, str]:
     """--storage-options-file, then --storage-option on top. Credentials on the command line are
     refused: argv shows in process lists, `ray job list` and job logs."""

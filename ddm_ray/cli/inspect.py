@@ -21,8 +21,8 @@ def _positive(text: str) -> int:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if not 1 <= v <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (at most 1000000), got {text!r}")
     return v
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ddm_ray.cli.common import _logger, add_storage_arguments, storage_options_from_args
+from ddm_ray.cli.common import _logger, add_reader_arguments, add_storage_arguments, storage_options_from_args
 from ddm_ray.errors import ConfigError
 
 
 def cmd_report(a: argparse.Namespace) -> int:
     if a.run and a.out and a.run != a.out:
         raise ConfigError(f"two run folders given ({a.run} and --out {a.out}); give one")
-    if a.top < 1 or a.max_tests < 1:
-        raise ConfigError("--top and --max-tests must be >= 1")
+    if not (1 <= a.top <= 10_000 and 1 <= a.max_tests <= 10_000):
+        raise ConfigError("--top and --max-tests must be in [1, 10000]")
     from ddm_ray.report import write_report
 
     index = write_report(
@@ -25,6 +25,9 @@ def cmd_report(a: argparse.Namespace) -> int:
         max_tests=a.max_tests,
         storage_options=storage_options_from_args(a),
         log=_logger(a.quiet),
+        train=a.train,
+        test=a.test,
+        data_root=a.data_root,
     )
     print(index)
     return 0
@@ -41,6 +44,7 @@ def register(sub: Any) -> None:
     r.add_argument("--objective", default="loss", help="loss | margin | correct (default loss)")
     r.add_argument("--top", type=int, default=5, help="helpful and harmful units shown per test sample")
     r.add_argument("--max-tests", type=int, default=12, help="test samples shown when no --test-id is given")
+    add_reader_arguments(r, model=False)
     add_storage_arguments(r)
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_report)

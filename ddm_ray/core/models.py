@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ddm_ray.config import ModelConfig
+from ddm_ray.config import MAX_PARAMETERS, ModelConfig
 from ddm_ray.errors import ConfigError
 
 Params = dict[str, torch.Tensor]
@@ -150,6 +150,21 @@ def check_user_module(ref: str, module: nn.Module, input_shape: tuple[int, ...],
         ) from None
 
 
+def builtin_parameters(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> int | None:
+    """The parameter count of a built-in model, computed without building it (None for a user
+    model, or a ConvNet on inputs that are not C,H,W)."""
+    if cfg.arch == "mlp":
+        widths = [math.prod(input_shape), *cfg.hidden, num_classes]
+        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    if cfg.arch == "convnet" and len(input_shape) == 3:
+        c, h, w = input_shape
+        c1, c2 = cfg.conv_channels
+        flat = c2 * math.ceil(math.ceil(h / 2) / 2) * math.ceil(math.ceil(w / 2) / 2)
+        return (c * c1 * 9 + c1) + (c1 * c2 * 9 + c2) + (flat * cfg.fc_width + cfg.fc_width) + (
+            cfg.fc_width * num_classes + num_classes)
+    return None
+
+
 class Network:
     """A functional view of a module: `logits(params, x)` with x of shape (N, *input_shape)."""
 
@@ -157,6 +172,12 @@ class Network:
         self.cfg = cfg
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_classes = int(num_classes)
+        count = builtin_parameters(cfg, self.input_shape, self.num_classes)
+        if count is not None and count > MAX_PARAMETERS:
+            raise ConfigError(
+                f"the {cfg.arch} would have {count:,} parameters for inputs of shape {self.input_shape}; at most "
+                f"{MAX_PARAMETERS:,}: choose smaller --hidden / --conv-channels / --fc-width"
+            )
         if cfg.arch == "mlp":
             self.module: nn.Module = _MLP(math.prod(self.input_shape), cfg.hidden, num_classes)
         elif cfg.arch == "convnet":

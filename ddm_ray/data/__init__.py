@@ -7,6 +7,7 @@ to class indices 0..C-1 of the training classes, and stable int64 ids for both s
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import pickle
@@ -247,3 +248,13 @@ def load_dataset(
     if cfg.dataset == "mnist":
         return _mnist(cfg)
     return _cifar10(cfg)
+
+
+def data_fingerprint(ds: Dataset) -> str:
+    """sha256 (16 hex) of the loaded inputs, labels and ids of both splits."""
+    h = hashlib.sha256()
+    for t in (ds.x_train, ds.y_train, ds.train_ids, ds.x_test, ds.y_test, ds.test_ids):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    h.update(repr(ds.classes).encode())
+    return h.hexdigest()[:16]

@@ -139,8 +139,9 @@ def start_or_join(
             if probe:
                 check_reachable(probe, connect_timeout_s)
             env = runtime_env if runtime_env and not inside_submitted_job() else None
-            ray.init(address=address or "auto", log_to_driver=True, logging_level="ERROR",
-                     **({"runtime_env": env} if env else {}))
+            with _keep_sigterm_handler():
+                ray.init(address=address or "auto", log_to_driver=True, logging_level="ERROR",
+                         **({"runtime_env": env} if env else {}))
             log(f"ray: joined the cluster at {target}" + (f" (shipping {env})" if env else ""))
             return False
         if local_niceness_zero:
@@ -148,10 +149,11 @@ def start_or_join(
             # driver's priority instead of Ray's default nice 15
             os.environ.setdefault("RAY_worker_niceness", "0")
         cpus = num_cpus or os.cpu_count() or 1
-        ray.init(
-            address="local", num_cpus=cpus, include_dashboard=False,
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level="ERROR",
-        )
+        with _keep_sigterm_handler():
+            ray.init(
+                address="local", num_cpus=cpus, include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level="ERROR",
+            )
         log(f"ray: started a local runtime for this run ({cpus} CPUs, auth {os.environ['RAY_AUTH_MODE']}); "
             "--address joins a cluster instead")
         return True
@@ -160,6 +162,21 @@ def start_or_join(
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClusterError(f"cannot start or reach Ray ({target or 'local'}): {first}") from None
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """ray.init installs SIGTERM handlers of its own (an exit without a word); a Python handler
+    that was there before (the CLI's: one line, lease released, resumable) is put back."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager

@@ -8,12 +8,18 @@ is taken over.
 
 Taking it is race-safe without a lock service: write the lease, wait `settle_s`, read it back and
 proceed only if it is still ours (object stores give read-after-write consistency, so of two runs
-that both wrote, exactly one reads its own owner back). Local folders create the file exclusively.
+that both wrote, exactly one reads its own owner back). Local folders create the file exclusively
+and whole (a complete temporary file hard-linked to the lease name).
+
+A `lease.json` that is not a lease (another tool's, or the user's own file) is refused with one
+line and never taken over or removed; an empty or half-written lease of our format (a holder
+killed between creating and writing it, as older versions could leave) is stale.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -24,6 +30,46 @@ from typing import Any
 from ddm_ray.errors import RunStateError, StorageError
 
 LEASE = "lease.json"
+STALE: dict[str, Any] = {"stale": True}  # what _read gives for an empty or half-written lease of ours
+_ATTEMPTS = 20  # exclusive creates lost to another starting run before giving up
+_FIELDS = {"owner": str, "pid": int, "host": str, "heartbeat": (int, float), "ttl_s": (int, float)}
+
+
+def is_lease_file(name: str) -> bool:
+    """The lease, or the hidden temporary file a local run creates it from (for a moment)."""
+    return name == LEASE or (name.startswith(f".{LEASE}.") and name.endswith(".tmp"))
+
+
+def parse_lease(raw: bytes, where: str) -> dict[str, Any]:
+    """A lease record from its bytes; STALE for an empty file or a prefix of our own format (a
+    holder killed between creating the file and writing it); RunStateError (one line) for
+    anything else: a file of another tool, or the user's own, which is never taken over."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not text:
+        return STALE
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        rec = None
+        if _ours_cut_short(text):
+            return STALE
+    if isinstance(rec, dict) and all(
+        isinstance(rec.get(k), t) and not isinstance(rec.get(k), bool) for k, t in _FIELDS.items()
+    ) and all(math.isfinite(float(rec[k])) for k in ("heartbeat", "ttl_s")):
+        return rec
+    raise RunStateError(
+        f"{where} is not a ddm-ray lease (expected the fields {', '.join(_FIELDS)}); it is not ours to take over "
+        "or remove: move it away or choose another --out"
+    )
+
+
+def _ours_cut_short(text: str) -> bool:
+    """True for the start of a lease as this module writes it, cut short: compact JSON (created
+    locally; older versions wrote it in place) or indented with sorted keys (write_json)."""
+    for head in ('{"owner": "', '{\n  "heartbeat": '):
+        if text.startswith(head) or head.startswith(text):
+            return True
+    return False
 
 
 def _holder_gone(held: dict[str, Any]) -> bool:
@@ -55,29 +101,58 @@ class Lease:
                 "heartbeat": time.time(), "ttl_s": self.ttl_s}
 
     def _read(self) -> dict[str, Any] | None:
+        """The lease held now: None when there is none; STALE for an empty or half-written lease
+        of ours (a holder killed while creating it); RunStateError for a file that is not a lease."""
         if not self.store.exists(LEASE):
             return None
         try:
-            rec = json.loads(self.store.read_bytes(LEASE))
-        except (StorageError, ValueError):
-            return None  # unreadable (half-written by a killed holder): treat as stale
-        return rec if isinstance(rec, dict) and "owner" in rec else None
+            raw = self.store.read_bytes(LEASE)
+        except StorageError:
+            if not self.store.exists(LEASE):
+                return None  # released between the two calls
+            raise
+        return parse_lease(raw, f"{self.store.url}/{LEASE}")
+
+    def _read_quietly(self) -> dict[str, Any] | None:
+        """_read for release and read-back: a foreign or unreadable file counts as not ours."""
+        try:
+            return self._read()
+        except (RunStateError, StorageError):
+            return None
 
     def _create_local(self, path: str) -> bool:
-        """Exclusive create of a local lease; False when one exists."""
+        """Exclusive create of a local lease, whole: the record is written to a temporary file
+        that is then hard-linked to the lease name (which fails when one exists), so no reader
+        ever sees a half-written lease of this version. False when one exists."""
+        tmp = os.path.join(os.path.dirname(path), f".{LEASE}.{self.owner}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self._record(), f)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._record(), f)
+        finally:
+            os.remove(tmp)
         return True
 
     def acquire(self) -> None:
+        for _ in range(_ATTEMPTS):
+            if self._try_acquire():
+                self._thread = threading.Thread(target=self._beat, daemon=True)
+                self._thread.start()
+                return
+        raise RunStateError(f"{self.store.url}: the lease kept changing hands while this run tried to take it; "
+                            "another run is starting there: wait for it or choose another --out")
+
+    def _try_acquire(self) -> bool:
+        """True once the lease is ours; False when another run created it between our read and
+        our create (try again); RunStateError when a live holder has it."""
         held = self._read()
-        if held is not None and held.get("owner") != self.owner:
-            age = time.time() - float(held.get("heartbeat", 0))
-            if age < float(held.get("ttl_s", self.ttl_s)) and not _holder_gone(held):
+        if held is STALE:
+            self.log("taking over an empty or half-written lease (its holder was killed while creating it)")
+        elif held is not None and held.get("owner") != self.owner:
+            age = time.time() - float(held["heartbeat"])
+            if age < float(held["ttl_s"]) and not _holder_gone(held):
                 raise RunStateError(
                     f"{self.store.url} is in use by another run (pid {held.get('pid')} on {held.get('host')}, "
                     f"heartbeat {age:.0f}s ago); wait for it or choose another --out"
@@ -85,20 +160,18 @@ class Lease:
             self.log(f"taking over a stale lease (pid {held.get('pid')} on {held.get('host')}, {age:.0f}s old)")
         if self.store.local and held is None:
             os.makedirs(self.store.root, exist_ok=True)
-            if not self._create_local(self.store.path(LEASE)):
-                return self.acquire()  # someone created it between our read and our create
-        else:  # object store, or taking over a stale lease: write, settle, read back
-            self.store.write_json(LEASE, self._record())
-            time.sleep(self.settle_s)
-            now = self._read()
-            if now is None or now.get("owner") != self.owner:
-                other = now or {}
-                raise RunStateError(
-                    f"{self.store.url} is in use by another run (pid {other.get('pid')} on {other.get('host')}); "
-                    "wait for it or choose another --out"
-                )
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
+            return self._create_local(self.store.path(LEASE))
+        # object store, or taking over a stale lease: write, settle, read back
+        self.store.write_json(LEASE, self._record())
+        time.sleep(self.settle_s)
+        now = self._read_quietly()
+        if now is None or now is STALE or now.get("owner") != self.owner:
+            other = now if isinstance(now, dict) and now is not STALE else {}
+            raise RunStateError(
+                f"{self.store.url} is in use by another run (pid {other.get('pid')} on {other.get('host')}); "
+                "wait for it or choose another --out"
+            )
+        return True
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
@@ -113,8 +186,8 @@ class Lease:
             self._thread.join(timeout=10)
             self._thread = None
         try:
-            held = self._read()
-            if held is not None and held.get("owner") == self.owner:
+            held = self._read_quietly()
+            if held is not None and held is not STALE and held.get("owner") == self.owner:
                 self.store.remove(LEASE)
         except StorageError:
             pass  # best effort: an unremoved lease expires after its ttl

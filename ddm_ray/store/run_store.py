@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ddm_ray.errors import StorageError, brief
+from ddm_ray.errors import ConfigError, StorageError, brief
 from ddm_ray.store.fs import join, open_url, read_parquet
 
 ATTRIBUTION_SCHEMA = pa.schema(
@@ -75,6 +75,9 @@ class RunStore:
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = open_url(url, self.storage_options)
+        if not self.root.strip("/"):
+            raise ConfigError(f"{url or repr(url)}: the root of a file system or store cannot be a run folder; "
+                              "choose a folder below it")
         self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
     @property
@@ -250,11 +253,13 @@ class RunStore:
 
     def read_part(self, name: str, record: dict[str, Any] | None) -> pa.Table:
         """A verified part: refuses one whose bytes or unit ids do not match what was written."""
+        from ddm_ray.store.manifest import check_part
+
+        first, last = check_part(name, record, f"{self.url}/{self.MANIFEST}") if record is not None else (0, -1)
         problem = self.part_problem(name, record)
         if problem is not None:
             raise StorageError(f"{self.url}/{self.ATTRIBUTION}/{name}: {problem}; rerun with --resume to recompute it")
         table = self.read_table(f"{self.ATTRIBUTION}/{name}")
-        first, last = (int(v) for v in name[len("part-") : -len(".parquet")].split("-"))
         ids = table.column("unit_id").to_pylist()
         if table.num_rows != record["rows"] or (ids and (min(ids) < first or max(ids) > last)):  # type: ignore[index]
             raise StorageError(f"{self.url}/{self.ATTRIBUTION}/{name}: holds other units than its name says")

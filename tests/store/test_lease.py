@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -113,3 +114,50 @@ def test_a_lease_of_a_dead_local_process_is_taken_over_at_once(tmp_path):
                              "heartbeat": time.time(), "ttl_s": 60})
     with Lease(store, ttl_s=60, settle_s=0.1) as lease:
         assert json.loads(store.read_bytes(LEASE))["owner"] == lease.owner
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("content", [b'{"a": 1}', b"[1, 2]", b"my notes\n", b'{"owner": 7, "pid": 1, "host": "h", '
+                                     b'"heartbeat": 1.0, "ttl_s": 60}'])
+def test_a_foreign_lease_file_is_refused_with_one_line_and_left_alone(tmp_path, where, content, request):
+    url = str(tmp_path / "run") if where == "local" else request.getfixturevalue("s3_url") + f"-f{abs(hash(content))}"
+    store = _store(url)
+    store.write_bytes(LEASE, content)
+    with pytest.raises(RunStateError, match="is not a ddm-ray lease") as e:
+        Lease(store, ttl_s=30, settle_s=0.1).acquire()
+    assert "\n" not in str(e.value)
+    assert store.read_bytes(LEASE) == content, "never taken over or removed"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("content", [b"", b"  \n", b'{"owner": "4f1c', b'{"owner": "4f1c2", "pid": 12'])
+def test_an_empty_or_half_written_lease_is_stale(tmp_path, where, content, request):
+    url = str(tmp_path / "run") if where == "local" else request.getfixturevalue("s3_url") + f"-h{abs(hash(content))}"
+    store = _store(url)
+    store.write_bytes(LEASE, content)
+    messages: list[str] = []
+    with Lease(store, ttl_s=30, settle_s=0.1, log=messages.append) as lease:
+        assert json.loads(store.read_bytes(LEASE))["owner"] == lease.owner
+    assert not store.exists(LEASE) and any("half-written" in m for m in messages)
+
+
+def test_a_run_into_a_folder_with_a_foreign_lease_is_one_line(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LEASE).write_text('{"a": 1}')
+    r = subprocess.run([sys.executable, "-m", "ddm_ray.cli", "run", "--engine", "local", "--quiet", "--max-train", "200",
+                        "--epochs", "1", "--clusters-per-class", "1", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=240)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "not a ddm-ray lease" in lines[0], r.stderr[-2000:]
+    assert "RecursionError" not in r.stderr and (out / LEASE).read_text() == '{"a": 1}'
+    assert sorted(os.listdir(out)) == [LEASE]
+
+
+def test_a_local_lease_is_never_seen_half_written(tmp_path):
+    """Created whole (a hard link of a complete file): a reader racing the creator never sees it
+    empty, and the temporary file it is made from does not make the folder look like a stranger's."""
+    store = RunStore(str(tmp_path / "run"))
+    with Lease(store, ttl_s=30, settle_s=0.1) as lease:
+        assert json.loads(store.read_bytes(LEASE))["owner"] == lease.owner
+        assert store.list("") == [LEASE]
