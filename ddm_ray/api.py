@@ -5,6 +5,7 @@
     run.long("loss")                                    # pyarrow: unit_id, test_id, objective, delta
     run.top_units(test_id=1234, k=5)                    # most helpful and most harmful units
     run.members(unit_id=3)                              # label, size, training ids of one unit
+    run.members("annotator-5")                          # a unit by its name (units.parquet `name`)
     run.test_context(test_id=1234)                      # true label, prediction, loss, correct
     run.units()                                         # pyarrow table: unit_id, label, sample_ids, ...
 
@@ -71,8 +72,28 @@ class AuditRun:
 
     # ---- small tables ----------------------------------------------------------------------
     def units(self) -> pa.Table:
-        """unit_id, label (-1: spans classes), label_name, sample_ids (training ids), level, size."""
+        """unit_id, label (null: spans classes), label_name, name, sample_ids (training ids), level, size."""
         return self.store.read_table(RunStore.UNITS)
+
+    def unit_id(self, unit: int | str) -> int:
+        """A unit's id from its id or its name (the `name` column of units.parquet: the column value
+        of `--units-from` units, "<label>/<cluster>" for k-means ones). An int, or a string of
+        digits, is an id; any other string is a name. InputError names a few valid names."""
+        if isinstance(unit, (int, np.integer)) and not isinstance(unit, bool):
+            return int(unit)
+        if not isinstance(unit, str):
+            raise InputError(f"a unit is an id or a name, got {unit!r}")
+        text = unit.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        t = self.units()
+        if "name" not in t.column_names:
+            raise InputError(f"unit {unit!r}: this run's units.parquet has no names; give a unit id")
+        names = t.column("name").to_pylist()
+        if text in names:
+            return int(t.column("unit_id")[names.index(text)].as_py())
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" ... ({len(names)} units)" if len(names) > 5 else "")
+        raise InputError(f"no unit named {unit!r} in this run (names: {shown}; or give a unit id)")
 
     def test_index(self) -> pa.Table:
         """position (0-based column of every delta list), test_id, label, label_name, predicted,
@@ -83,11 +104,13 @@ class AuditRun:
             raise StorageError(f"{self.store.url}/{RunStore.TEST_INDEX}: positions are not 0..{t.num_rows - 1}")
         return t
 
-    def members(self, unit_id: int) -> dict[str, Any]:
-        """One unit: {"unit_id", "label", "label_name", "level", "size", "sample_ids": [training id, ...]}.
-        Cluster units lie inside one class, so every member carries the unit's label."""
+    def members(self, unit_id: int | str) -> dict[str, Any]:
+        """One unit (by id or name, see `unit_id`): {"unit_id", "label", "label_name", "name",
+        "level", "size", "sample_ids": [training id, ...]}. Cluster units lie inside one class, so
+        every member carries the unit's label."""
+        unit_id = self.unit_id(unit_id)
         t = self.units()
-        i = pc.index(t.column("unit_id"), int(unit_id)).as_py()
+        i = pc.index(t.column("unit_id"), unit_id).as_py()
         if i < 0:
             raise InputError(f"unit {unit_id} is not in this run (unit ids 0..{t.num_rows - 1})")
         return {k: v[0] for k, v in t.slice(i, 1).to_pydict().items()}
@@ -173,9 +196,10 @@ class AuditRun:
         pairs = [(int(unit_ids[i]), float(col[i])) for i in order]
         return {"helpful": pairs[:k], "harmful": pairs[::-1][:k]}
 
-    def top_tests(self, unit_id: int, k: int = 5, objective: str = "loss") -> dict[str, list[tuple[int, float]]]:
-        """The k test samples one unit helps most and the k it hurts most: {"helped": [(test_id,
-        delta), ...], "hurt": [...]}, strongest first (see `helped_sign` for signs)."""
+    def top_tests(self, unit_id: int | str, k: int = 5, objective: str = "loss") -> dict[str, list[tuple[int, float]]]:
+        """The k test samples one unit (by id or name) helps most and the k it hurts most:
+        {"helped": [(test_id, delta), ...], "hurt": [...]}, strongest first (see `helped_sign`)."""
+        unit_id = self.unit_id(unit_id)
         unit_ids, test_ids, delta = self.matrix(objective)
         where = np.nonzero(unit_ids == unit_id)[0]
         if where.size == 0:
