@@ -27,10 +27,12 @@ UNIT_FEATURES = ("input", "penultimate")
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-        factory: Any = None) -> Any:
+        factory: Any = None, advanced: bool = False) -> Any:
     """A config field with what the CLI and TOML need: help text, flag name (default: the field
-    name with dashes; "" hides it from the CLI) and choices. Flags are generated from these."""
-    meta = {"help": help, "flag": flag, "choices": choices}
+    name with dashes; "" hides it from the CLI) and choices. Flags are generated from these.
+    advanced: an internal or tuning knob, listed by `--help-all` but not by `--help` (it is
+    accepted either way)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "advanced": advanced}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -90,8 +92,8 @@ class ModelConfig:
     arch: str = opt("mlp", "mlp | convnet | package.module:factory (factory(input_shape, num_classes) -> "
                     "torch.nn.Module, importable from the working directory or PYTHONPATH)", flag="model")
     hidden: tuple[int, ...] = opt((64, 64), "MLP hidden widths, e.g. 64,64")
-    conv_channels: tuple[int, int] = opt((32, 64), "ConvNet channels of its two conv layers")
-    fc_width: int = opt(128, "ConvNet fully connected width")
+    conv_channels: tuple[int, int] = opt((32, 64), "ConvNet channels of its two conv layers", advanced=True)
+    fc_width: int = opt(128, "ConvNet fully connected width", advanced=True)
 
     @property
     def is_user_model(self) -> bool:
@@ -130,8 +132,9 @@ class UnitConfig:
     distinct value of a training column (`from_column`), which may span classes."""
 
     clusters_per_class: int = opt(8, "k-means clusters per class (K)")
-    features: str = opt("input", "k-means space: input | penultimate", flag="unit-features", choices=UNIT_FEATURES)
-    kmeans_iters: int = opt(50, "k-means iterations")
+    features: str = opt("input", "k-means space: input | penultimate", flag="unit-features", choices=UNIT_FEATURES,
+                        advanced=True)
+    kmeans_iters: int = opt(50, "k-means iterations", advanced=True)
     seed: int = opt(0, "", flag="seed")
     from_column: str | None = opt(None, "one unit per distinct value of this training column (e.g. source)",
                                   flag="units-from")
@@ -171,29 +174,33 @@ class DistillConfig:
     is one fused pass per direction and training step); the influence target covers all k.
     """
 
-    method: str = opt("basis", "basis (default) | soft_label | literal", flag="distill-method", choices=DISTILL_METHODS)
-    target: str = opt("blend", "basis target: blend | unrolled | influence", choices=TARGETS)
+    method: str = opt("basis", "basis (default) | soft_label | literal", flag="distill-method", choices=DISTILL_METHODS,
+                      advanced=True)
+    target: str = opt("blend", "basis target: blend | unrolled | influence", choices=TARGETS, advanced=True)
     target_solver: str = opt("auto", "unrolled target: adjoint (cost flat in units) | forward (per unit) | auto",
-                             choices=TARGET_SOLVERS)
-    probe_samples: int = opt(1024, "basis: class-stratified probe samples per pool source (the synsets' shared pool)")
+                             choices=TARGET_SOLVERS, advanced=True)
+    probe_samples: int = opt(1024, "basis: class-stratified probe samples per pool source (the synsets' shared pool)",
+                             advanced=True)
     probe_pool: str = opt("test", "basis: samples whose loss gradients span the subspace and form the pool: "
-                          "test (what a removal's effect is measured on) | train | both", choices=PROBE_POOLS)
-    probe_rank: int = opt(256, "basis: most probe subspace directions k")
+                          "test (what a removal's effect is measured on) | train | both", choices=PROBE_POOLS,
+                          advanced=True)
+    probe_rank: int = opt(256, "basis: most probe subspace directions k", advanced=True)
     unrolled_rank: int = opt(128, "basis: the unrolled target (adjoint) runs on this many leading directions; "
-                             "the influence target covers the rest")
+                             "the influence target covers the rest", advanced=True)
     probe_energy: float | None = opt(0.99, "basis: fewer directions when they hold this share of the probe "
-                                     "gradients' energy (default 0.99; none: always probe_rank)")
-    probe_norm: float = opt(0.5, "basis: probe gradients divided by their norm ** this")
-    ridge: float = opt(1e-3, "basis: shrinkage of weak probe directions (x largest)", flag="basis-ridge")
-    influence_damping: float = opt(0.005, "influence: damping relative to the largest curvature")
+                                     "gradients' energy (default 0.99; none: always probe_rank)", advanced=True)
+    probe_norm: float = opt(0.5, "basis: probe gradients divided by their norm ** this", advanced=True)
+    ridge: float = opt(1e-3, "basis: shrinkage of weak probe directions (x largest)", flag="basis-ridge", advanced=True)
+    influence_damping: float = opt(0.005, "influence: damping relative to the largest curvature", advanced=True)
     blend_weight: float | None = opt(None, "blend: weight of the unrolled target (default: the targets' lengths "
-                                     "fitted on exact retrainings)")
-    calibration_units: int = opt(8, "blend calibration: units retrained exactly to fit the targets' lengths")
-    unroll_epochs: int | None = opt(None, "unroll only the last N epochs (default: all)")
-    ipc: int = opt(4, "soft_label/literal: synthetic samples per unit")
-    steps: int = opt(300, "soft_label/literal: matching steps", flag="distill-steps")
-    lr: float = opt(0.05, "soft_label/literal: Adam lr on the synset", flag="distill-lr")
-    max_gap: int = opt(20, "soft_label/literal: trajectory gap s drawn from [1, max_gap)")
+                                     "fitted on exact retrainings)", advanced=True)
+    calibration_units: int = opt(8, "blend calibration: units retrained exactly to fit the targets' lengths",
+                                 advanced=True)
+    unroll_epochs: int | None = opt(None, "unroll only the last N epochs (default: all)", advanced=True)
+    ipc: int = opt(4, "soft_label/literal: synthetic samples per unit", advanced=True)
+    steps: int = opt(300, "soft_label/literal: matching steps", flag="distill-steps", advanced=True)
+    lr: float = opt(0.05, "soft_label/literal: Adam lr on the synset", flag="distill-lr", advanced=True)
+    max_gap: int = opt(20, "soft_label/literal: trajectory gap s drawn from [1, max_gap)", advanced=True)
     seed: int = opt(0, "", flag="seed")
 
     def __post_init__(self) -> None:
@@ -222,11 +229,12 @@ class DistillConfig:
 class OnlineConfig:
     """The fast-learn step: fine-tuning the final model on synsets, and what is measured."""
 
-    steps: int = opt(1, "fine-tuning steps on a synset (basis synsets are solved for 1)", flag="online-steps")
-    lr: float = opt(0.1, "fine-tuning learning rate", flag="online-lr")
+    steps: int = opt(1, "fine-tuning steps on a synset (basis synsets are solved for 1)", flag="online-steps",
+                     advanced=True)
+    lr: float = opt(0.1, "fine-tuning learning rate", flag="online-lr", advanced=True)
     objectives: tuple[str, ...] = opt(OBJECTIVES, "what is measured on every test sample: loss,margin,correct")
     precision: str = opt("fp32", "fp32 | tf32 | bf16 (GPU speed-ups)", flag="online-precision",
-                         choices=("fp32", "tf32", "bf16"))
+                         choices=("fp32", "tf32", "bf16"), advanced=True)
 
     def __post_init__(self) -> None:
         _check(self.precision in ("fp32", "tf32", "bf16"), "precision must be fp32, tf32 or bf16")
@@ -309,14 +317,15 @@ class ExecConfig:
 
     engine: str = opt("ray", "ray | local (in-process, no Ray)", choices=("ray", "local"))
     device: str = opt("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    online_batch: int | None = opt(None, "units fine-tuned together per pass (default: from free memory)")
-    block_units: int = opt(64, "units per online task and per Parquet part")
-    max_in_flight: int | None = opt(None, "online tasks in flight (default: 2 x workers)")
+    online_batch: int | None = opt(None, "units fine-tuned together per pass (default: from free memory)",
+                                   advanced=True)
+    block_units: int = opt(64, "units per online task and per Parquet part", advanced=True)
+    max_in_flight: int | None = opt(None, "online tasks in flight (default: 2 x workers)", advanced=True)
     num_cpus: int | None = opt(None, "CPUs for a local Ray runtime")
     resume: bool = opt(False, "finish an interrupted run in --out")
     storage_options: dict[str, str] = opt(help="", flag="", factory=dict)
     connect_timeout_s: float = opt(30.0, "seconds to wait for --address / RAY_ADDRESS to answer",
-                                   flag="connect-timeout")
+                                   flag="connect-timeout", advanced=True)
 
     def __post_init__(self) -> None:
         _check(self.engine in ("ray", "local"), "engine must be ray or local")

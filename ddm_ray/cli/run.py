@@ -6,7 +6,14 @@ import argparse
 from typing import Any
 
 from ddm_ray.cli.common import _logger, add_storage_arguments, storage_options_from_args
-from ddm_ray.cli.options import add_options, build_configs, given_options, read_toml, values_from_toml
+from ddm_ray.cli.options import (
+    add_help_all,
+    add_options,
+    build_configs,
+    given_options,
+    read_toml,
+    values_from_toml,
+)
 from ddm_ray.config import ExecConfig, RunConfig
 
 DEFAULT_OUT = "./ddm-out"
@@ -24,6 +31,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address", help="Ray address (default: start a local runtime or use RAY_ADDRESS)")
     add_storage_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress output")
+    add_help_all(p)
 
 
 def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
