@@ -46,6 +46,27 @@ def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
     return build_configs(given_options(a), file_values, storage_options_from_args(a))
 
 
+def next_steps(a: argparse.Namespace, exe: ExecConfig) -> list[str]:
+    """The commands to run next on this run's folder, with the storage flags it was read with (a
+    credentials file by its path only) and `--engine local` for validate when the run used it."""
+    import shlex
+
+    out = shlex.quote(a.out)
+    storage = "".join(f" --storage-option {shlex.quote(f'{k}={v}')}" for k, v in (a.storage_option or []))
+    if a.storage_options_file:
+        storage += f" --storage-options-file {shlex.quote(a.storage_options_file)}"
+    engine = " --engine local" if exe.engine == "local" else ""
+    local = "://" not in a.out or a.out.startswith("file://")
+    rows = [
+        (f"ddm-ray validate {out}{engine}{storage}", "exact leave-one-out retraining vs these rows (--units N: a sample)"),
+        (f"ddm-ray inspect {out} --worst-tests 5{storage}", "the worst test samples and the unit hurting each most"),
+        (f"ddm-ray report {out}{storage}", f"an HTML page: {a.out.rstrip('/')}/report/index.html") if local else
+        (f"ddm-ray report {out} --report-out ./report{storage}", "an HTML page in the local folder ./report"),
+    ]
+    width = max(len(cmd) for cmd, _ in rows)
+    return ["next steps:", *(f"  {cmd:<{width}}  # {why}" for cmd, why in rows)]
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from ddm_ray.engine import run_with_engine
 
@@ -56,6 +77,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         f"complete: {c['units']} units x {c['test_samples']} test samples x {c['objectives']} "
         f"objectives -> {a.out} (config {manifest['config_hash']}, {manifest['timings_seconds']['total']:.1f}s)"
     )
+    print("\n".join(next_steps(a, exe)))
     return 0
 
 
