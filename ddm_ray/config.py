@@ -57,7 +57,8 @@ class DataConfig:
     max_train: int | None = opt(None, "keep the first N training samples")
     max_test: int | None = opt(None, "keep the first N test samples")
     x_column: str = opt("x", "Parquet input column: list of numbers, PNG/JPEG bytes, or {bytes, path} images")
-    y_column: str = opt("y", "Parquet label column: integers or strings (mapped to classes in sorted order)")
+    y_column: str = opt("y", "Parquet label column: integers or strings (class order: a Hugging Face ClassLabel's "
+                        "in the file's metadata, else numeric for numbers, else alphabetical)")
     id_column: str = opt("id", "Parquet integer id column (when absent: the row number)")
 
     def __post_init__(self) -> None:

@@ -316,6 +316,7 @@ def _summary(run: AuditRun, frame: _Frame, samples: _Samples, sample_note: str, 
         ("training samples", _e(counts.get("train_samples", "?"))),
         ("test samples", _e(len(frame.test_ids))),
         ("classes", _e(f"{counts.get('classes', len(classes))}: {class_names}")),
+        *_label_order_row(m.get("data", {}).get("label_order")),
         ("input shape", _e("x".join(map(str, shape)) if shape else "as stored (flat unless an image format)")),
         ("units", _e(f"{len(frame.unit_ids)} ({', '.join(sorted(set(frame.unit_level)))})")),
         ("model", _e(f"{cfg.get('model', {}).get('arch', '?')}, {counts.get('parameters', '?')} parameters")),
@@ -340,6 +341,16 @@ def _summary(run: AuditRun, frame: _Frame, samples: _Samples, sample_note: str, 
         f'<p class="note" id="sample-note">{_e(sample_note)}</p></section>',
     ]
     return "".join(parts)
+
+
+def _label_order_row(order: str | None) -> list[tuple[str, str]]:
+    """The "class order" row of the summary: which rule put the classes in order (none for runs
+    from before it was recorded)."""
+    if order is None:
+        return []
+    from ddm_ray.data.parquet import LABEL_ORDERS
+
+    return [("class order", _e(LABEL_ORDERS.get(order, order)))]
 
 
 def _stability(st: dict[str, Any] | None) -> str:

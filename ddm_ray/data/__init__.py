@@ -37,6 +37,7 @@ class Dataset:
     input_shape: tuple[int, ...]
     class_names: list[str] | None = None  # the data's label names (string labels), in class order
     train_groups: list[Any] | None = None  # (N_train,) value of the units column of each sample
+    label_order: str = "integer"  # how classes were ordered: a key of data.parquet.LABEL_ORDERS
 
     @property
     def num_classes(self) -> int:
@@ -60,8 +61,10 @@ def _finish(
     cfg: DataConfig,
     source: str,
     groups: np.ndarray | None = None,
+    class_label: list[str] | None = None,
 ) -> Dataset:
-    """Check both splits and map labels to class indices. x_*: (N, F); y_*: (N,) int64 or str."""
+    """Check both splits and map labels to class indices. x_*: (N, F); y_*: (N,) int64 or str;
+    class_label: the data's ClassLabel names, if it stores any (see `encode_labels`)."""
     if cfg.max_train is not None:
         x_tr, y_tr, id_tr = x_tr[: cfg.max_train], y_tr[: cfg.max_train], id_tr[: cfg.max_train]
         groups = None if groups is None else groups[: cfg.max_train]
@@ -81,7 +84,7 @@ def _finish(
     for name, ids in (("train", id_tr), ("test", id_te)):
         if len(np.unique(ids)) != len(ids):
             raise InputError(f"{source}: the {name} set has duplicate ids")
-    y_tr_idx, y_te_idx, classes, names = encode_labels(y_tr, y_te, source)
+    y_tr_idx, y_te_idx, classes, names, order = encode_labels(y_tr, y_te, source, class_label)
     if len(classes) < 2:
         raise InputError(f"{source}: the training set has {len(classes)} class; need at least 2")
     return Dataset(
@@ -95,6 +98,7 @@ def _finish(
         input_shape=shape,
         class_names=names,
         train_groups=None if groups is None else groups.tolist(),
+        label_order=order,
     )
 
 
@@ -122,8 +126,13 @@ def _parquet(cfg: DataConfig, storage_options: dict[str, str], group_column: str
             f"parquet: train samples have shape {','.join(map(str, tr.shape))}, test samples "
             f"{','.join(map(str, te.shape))}"
         )
+    if tr.label_names is not None and te.label_names is not None and tr.label_names != te.label_names:
+        raise InputError(f"parquet: the train and test files name the classes of {cfg.y_column!r} differently "
+                         f"(Hugging Face ClassLabel: {', '.join(tr.label_names[:5])} ... vs "
+                         f"{', '.join(te.label_names[:5])} ...)")
     shape = cfg.input_shape or tr.shape
-    return _finish(tr.x, tr.y, tr.ids, te.x, te.y, te.ids, shape, cfg, "parquet", groups=tr.groups)
+    return _finish(tr.x, tr.y, tr.ids, te.x, te.y, te.ids, shape, cfg, "parquet", groups=tr.groups,
+                   class_label=tr.label_names or te.label_names)
 
 
 def _open_maybe_gz(root: str, name: str) -> bytes:

@@ -28,13 +28,45 @@ from ddm_ray.errors import DDMError, InputError, brief
 @dataclass
 class Columns:
     """One split as arrays: x (N, F) float64, shape of one sample, y (N,) raw labels (int64 or
-    str objects), ids (N,) int64, groups (N,) raw values of the units column or None."""
+    str objects), ids (N,) int64, groups (N,) raw values of the units column or None;
+    label_names: the class names a Hugging Face `ClassLabel` stores for the label column in the
+    file's schema metadata (index i names label i), or None."""
 
     x: np.ndarray
     shape: tuple[int, ...]
     y: np.ndarray
     ids: np.ndarray
     groups: np.ndarray | None
+    label_names: list[str] | None = None
+
+
+#: How string labels were put in class order (recorded in the manifest's `data.label_order`).
+LABEL_ORDERS = {
+    "class_label": "the order of the Hugging Face ClassLabel names in the Parquet schema metadata",
+    "numeric": "numeric order of the label names (every name is a number)",
+    "alphabetical": "alphabetical order of the label names (no ClassLabel names in the Parquet metadata)",
+    "integer": "ascending integer labels",
+}
+
+
+def class_label_names(metadata: dict[bytes, bytes] | None, column: str) -> list[str] | None:
+    """The `names` of a Hugging Face `ClassLabel` feature for `column` in Parquet schema
+    metadata (key `huggingface`: JSON with info.features.<column>.names), or None when there is
+    none or it is not a list of distinct strings."""
+    import json
+
+    raw = (metadata or {}).get(b"huggingface")
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+        feature = doc.get("info", {}).get("features", {}).get(column)
+    except (ValueError, AttributeError, TypeError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return None
+    return names if len(set(names)) == len(names) else None
 
 
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
@@ -173,6 +205,7 @@ def read_split(
     except Exception as e:  # noqa: BLE001  storage back-ends raise far beyond OSError
         raise InputError(f"{url}: cannot read as Parquet ({brief(e)})") from None
     names = table.column_names
+    label_names = class_label_names(table.schema.metadata, y_column)
     wanted = [x_column, y_column] + ([group_column] if group_column else [])
     for col in wanted:
         if col not in names:
@@ -214,7 +247,7 @@ def read_split(
                 or pa.types.is_boolean(g.type)):
             raise InputError(f"{url}: units column {group_column!r} must be strings or integers, got {g.type}")
         groups = np.asarray(g.to_pylist(), dtype=object)
-    return Columns(x, shape, y, ids, groups)
+    return Columns(x, shape, y, ids, groups, label_names)
 
 
 def _labels(col: pa.Array, url: str, name: str) -> np.ndarray:
@@ -233,28 +266,53 @@ def _labels(col: pa.Array, url: str, name: str) -> np.ndarray:
     raise InputError(f"{url}: label column {name!r} must be integers or strings, got {col.type}")
 
 
-def encode_labels(y_train: np.ndarray, y_test: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, list[Any], list[str] | None]:
-    """Map labels to class indices 0..C-1 in sorted order of the training labels.
+def _number(text: str) -> float | None:
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return v if np.isfinite(v) else None
 
-    Returns (y_train_index, y_test_index, classes, class_names): classes are the integer labels
-    (or the indices, for string labels), class_names the string labels (None for integer ones).
+
+def encode_labels(
+    y_train: np.ndarray, y_test: np.ndarray, source: str, class_label: list[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[Any], list[str] | None, str]:
+    """Map labels to class indices 0..C-1 of the training labels' classes.
+
+    Class order (returned as `order`, one of `LABEL_ORDERS`): for string labels, the order of
+    `class_label` (the Hugging Face ClassLabel names of the file) when every training label is
+    among them, else numeric when every name parses as a number, else alphabetical; integer
+    labels ascend ("integer"), named by `class_label` when it covers them (ClassLabel columns
+    are stored as the names' indices).
+
+    Returns (y_train_index, y_test_index, classes, class_names, order): classes are the integer
+    labels (or the indices, for string labels), class_names the labels' names (None for integer
+    labels without ClassLabel names).
     """
     strings = y_train.dtype == object or y_test.dtype == object
     if strings:
         if y_train.dtype != object or y_test.dtype != object:
             raise InputError(f"{source}: train and test labels must both be strings or both integers")
-        names = sorted(set(y_train.tolist()))
+        present = set(y_train.tolist())
+        if class_label is not None and present <= set(class_label):
+            names, order = [n for n in class_label if n in present], "class_label"
+        elif all(_number(n) is not None for n in present):
+            names, order = sorted(present, key=lambda n: (_number(n), n)), "numeric"
+        else:
+            names, order = sorted(present), "alphabetical"
         lookup = {n: i for i, n in enumerate(names)}
         unknown = sorted(set(y_test.tolist()) - set(names))
         if unknown:
             raise InputError(f"{source}: test labels not among the training classes: {', '.join(map(str, unknown[:5]))}")
         tr = np.fromiter((lookup[v] for v in y_train.tolist()), dtype=np.int64, count=len(y_train))
         te = np.fromiter((lookup[v] for v in y_test.tolist()), dtype=np.int64, count=len(y_test))
-        return tr, te, list(range(len(names))), names
+        return tr, te, list(range(len(names))), names, order
     classes = np.unique(y_train)
     unknown = np.setdiff1d(np.unique(y_test), classes)
     if len(unknown):
         shown = ", ".join(map(str, unknown[:5].tolist()))
         raise InputError(f"{source}: test labels not among the training classes: {shown}")
+    named = class_label is not None and len(classes) > 0 and bool(classes.min() >= 0) and bool(classes.max() < len(class_label))
     return (np.searchsorted(classes, y_train).astype(np.int64), np.searchsorted(classes, y_test).astype(np.int64),
-            [int(c) for c in classes], None)
+            [int(c) for c in classes], [class_label[int(c)] for c in classes] if named else None,
+            "class_label" if named else "integer")

@@ -144,3 +144,74 @@ def test_max_rows_are_taken_before_images_are_decoded(tmp_path):
     p = _write(tmp_path / "rows.parquet", t)
     ds = load_dataset(DataConfig(dataset="parquet", train=p, test=p, max_train=4, max_test=2))
     assert ds.x_train.shape == (4, 1, 6, 5) and ds.x_test.shape == (2, 1, 6, 5)
+
+
+def _hf(table: pa.Table, names: list[str], column: str = "label") -> pa.Table:
+    """The table with the schema metadata Hugging Face `datasets` writes for a ClassLabel column."""
+    import json
+
+    features = {column: {"names": names, "_type": "ClassLabel"}, "x": {"feature": {"dtype": "float32"}}}
+    return table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+
+
+def _labelled(tmp_path, name: str, labels: list, names: list[str] | None = None, test_names: list[str] | None = None):
+    x = np.random.default_rng(0).normal(size=(len(labels), 3)).astype(np.float32)
+    t = pa.table({"x": list(x), "label": labels})
+    tr = _write(tmp_path / f"{name}-train.parquet", _hf(t, names) if names else t)
+    te_names = test_names if test_names is not None else names
+    te = _write(tmp_path / f"{name}-test.parquet", _hf(t, te_names) if te_names else t)
+    return load_dataset(DataConfig(dataset="parquet", train=tr, test=te, y_column="label"))
+
+
+def test_class_order_follows_a_hugging_face_class_label_else_numbers_else_the_alphabet(tmp_path):
+    order = ["zero", "one", "two", "eight"]  # as the ClassLabel stores them, not alphabetical
+    words = [order[i % 4] for i in range(12)]
+    ds = _labelled(tmp_path, "words", words, order)
+    assert ds.class_names == order and ds.label_order == "class_label"
+    assert ds.y_train.tolist()[:4] == [0, 1, 2, 3] and ds.name_of(3) == "eight"
+    # HF stores a ClassLabel column as the names' indices: the names come from the metadata
+    ds = _labelled(tmp_path, "codes", [i % 3 for i in range(9)], ["cat", "dog", "ant"])
+    assert ds.classes == [0, 1, 2] and ds.class_names == ["cat", "dog", "ant"] and ds.label_order == "class_label"
+    assert [ds.name_of(c) for c in ds.y_test.tolist()[:3]] == ["cat", "dog", "ant"]
+    # a ClassLabel that does not cover the labels is not used
+    ds = _labelled(tmp_path, "partial", words, ["zero", "one"])
+    assert ds.label_order == "alphabetical" and ds.class_names == ["eight", "one", "two", "zero"]
+    # no metadata: numbers in numeric order, not "10" < "2"
+    ds = _labelled(tmp_path, "numbers", ["10", "2", "1.5", "-3"] * 3)
+    assert ds.class_names == ["-3", "1.5", "2", "10"] and ds.label_order == "numeric"
+    ds = _labelled(tmp_path, "alpha", words)
+    assert ds.class_names == ["eight", "one", "two", "zero"] and ds.label_order == "alphabetical"
+    ds = _labelled(tmp_path, "ints", [i % 3 for i in range(9)])
+    assert ds.class_names is None and ds.label_order == "integer"
+    # unreadable metadata is ignored; train and test naming the classes differently is refused
+    x = pa.table({"x": [[1.0], [2.0]], "label": ["b", "a"]}).replace_schema_metadata({"huggingface": "{not json"})
+    p = _write(tmp_path / "broken.parquet", x)
+    assert load_dataset(DataConfig(dataset="parquet", train=p, test=p, y_column="label")).label_order == "alphabetical"
+    with pytest.raises(InputError, match="name the classes of 'label' differently") as e:
+        _labelled(tmp_path, "differ", words, order, test_names=list(reversed(order)))
+    assert "\n" not in str(e.value)
+
+
+def test_a_run_records_the_class_order_and_the_report_says_it(tmp_path):
+    import json
+
+    from ddm_ray.cli import main
+    from tests.conftest import TINY_RUN, blobs
+
+    x, y = blobs(120, seed=0)
+    xt, yt = blobs(30, seed=1)
+    order = ["zero", "one", "two"]
+    for name, xs, ys in (("train", x, y), ("test", xt, yt)):
+        t = pa.table({"x": list(xs), "label": [order[i] for i in ys]})
+        _write(tmp_path / f"{name}.parquet", _hf(t, order))
+    out = str(tmp_path / "run")
+    assert main(["run", "--train", str(tmp_path / "train.parquet"), "--test", str(tmp_path / "test.parquet"),
+                 "--y-column", "label", "--out", out, *TINY_RUN]) == 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["data"]["label_names"] == order and manifest["data"]["label_order"] == "class_label"
+    index = pq.read_table(f"{out}/test_index.parquet").to_pydict()
+    assert index["label"] == yt.tolist() and index["label_name"] == [order[i] for i in yt]
+    assert main(["report", out, "--quiet"]) == 0
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "<td>class order</td><td>the order of the Hugging Face ClassLabel names" in page
+    assert "3: zero, one, two" in page
