@@ -68,15 +68,30 @@ def test_report(run: AuditRun, test_id: int, objective: str | None = None, top: 
 def unit_report(run: AuditRun, unit: int | str, objective: str | None = None, top: int = 5) -> dict[str, Any]:
     """One unit, by id or name (`AuditRun.unit_id`):
     {"kind": "unit", "objective", "sign", "unit": {unit_id, name, label, label_name, level, size},
-    "members": [{"sample_id", "label", "label_name"}, ...] (every member, in units.parquet order),
+    "members": [{"sample_id", "label", "label_name", "predicted", "predicted_name", "agrees", "loss"}, ...]
+    (every member, in units.parquet order; predicted and loss: the trained model on that training
+    sample, agrees: predicted == label; None in runs from before they were recorded),
     "helped" / "hurt": [test context + "delta", ...] (the `top` test samples it moves most each way)."""
     objective = default_objective(run, objective)
     m = run.members(unit)
     unit_id = m["unit_id"]
     m.setdefault("name", str(unit_id))
     ids = m.pop("sample_ids")
-    # cluster units lie within one class; a unit spanning classes ("mixed") records no member labels
-    members = [{"sample_id": int(i), "label": m["label"], "label_name": m["label_name"]} for i in ids]
+    labels, predicted = m.pop("member_labels", None), m.pop("member_predicted", None)
+    losses = m.pop("member_loss", None)
+    names = run.class_names()
+    members = []
+    for j, i in enumerate(ids):
+        lab = labels[j] if labels is not None else m["label"]  # older runs: the unit's label
+        pred = predicted[j] if predicted is not None else None
+        members.append({
+            "sample_id": int(i), "label": lab,
+            "label_name": m["label_name"] if lab is None else names.get(lab, str(lab)),
+            "predicted": pred, "predicted_name": None if pred is None else names.get(pred, str(pred)),
+            "agrees": None if pred is None or lab is None else pred == lab,
+            "loss": None if losses is None else float(losses[j]),
+        })
+    m["disagreeing"] = sum(1 for r in members if r["agrees"] is False)
     moved = run.top_tests(unit_id, k=top, objective=objective)
     tests = {int(r["test_id"]): r for r in run.test_index().to_pylist()}
     out: dict[str, Any] = {"kind": "unit", "objective": objective, "sign": sign_note(objective), "unit": m,
@@ -145,10 +160,14 @@ def format_table(report: dict[str, Any]) -> str:
         u = report["unit"]
         lines.append(f"unit {u['unit_id']} ({u['name']}): label {_label(u['label_name'], u['label'])}, size {u['size']}, "
                      f"level {u['level']}")
-        lines.append(f"members ({len(report['members'])}):")
-        lines.append(f"  {'sample_id':>10} {'label':>10}")
+        lines.append(f"members ({len(report['members'])}; {u['disagreeing']} labelled otherwise than the trained "
+                     "model predicts them, marked *):")
+        lines.append(f"  {'sample_id':>10} {'label':>10} {'predicted':>10} {'loss':>9}")
         for m in report["members"]:
-            lines.append(f"  {m['sample_id']:>10} {_label(m['label_name'], m['label']):>10}")
+            pred = "?" if m["predicted"] is None else _label(m["predicted_name"], m["predicted"])
+            loss = "?" if m["loss"] is None else f"{m['loss']:.4f}"
+            flag = " *" if m["agrees"] is False else ""
+            lines.append(f"  {m['sample_id']:>10} {_label(m['label_name'], m['label']):>10} {pred:>10} {loss:>9}{flag}")
         lines.append(f"objective {report['objective']}: {report['sign']}")
         for side, title in (("helped", "test samples it helps most"), ("hurt", "test samples it hurts most")):
             lines.append(f"{title}:")
@@ -176,7 +195,7 @@ def csv_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     test:  test_id, objective, direction (helpful|harmful), rank, unit_id, unit_name, label, label_name, size,
            delta, member_ids
     unit:  unit_id, unit_name, objective, relation (member|helped|hurt), rank, id (training or test id),
-           label, label_name, delta (empty for members)
+           label, label_name, predicted, predicted_name (the trained model), delta (empty for members)
     worst: rank, test_id, label, label_name, predicted, predicted_name, loss, correct, harmful_unit,
            harmful_unit_name, harmful_delta
     (member_ids: space-separated, complete)."""
@@ -189,11 +208,14 @@ def csv_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                  " ".join(map(str, u["member_ids"]))]
                 for side in ("helpful", "harmful") for r, u in enumerate(report[side])]
     elif kind == "unit":
-        head = ["unit_id", "unit_name", "objective", "relation", "rank", "id", "label", "label_name", "delta"]
+        head = ["unit_id", "unit_name", "objective", "relation", "rank", "id", "label", "label_name", "predicted",
+                "predicted_name", "delta"]
         uid, uname = report["unit"]["unit_id"], report["unit"]["name"]
-        rows = [[uid, uname, o, "member", r + 1, m["sample_id"], m["label"], m["label_name"], ""]
+        rows = [[uid, uname, o, "member", r + 1, m["sample_id"], m["label"], m["label_name"], m["predicted"],
+                 m["predicted_name"], ""]
                 for r, m in enumerate(report["members"])]
-        rows += [[uid, uname, o, side, r + 1, t["test_id"], t["label"], t["label_name"], t["delta"]]
+        rows += [[uid, uname, o, side, r + 1, t["test_id"], t["label"], t["label_name"], t["predicted"],
+                  t["predicted_name"], t["delta"]]
                  for side in ("helped", "hurt") for r, t in enumerate(report[side])]
     else:
         head = ["rank", "test_id", "label", "label_name", "predicted", "predicted_name", "loss", "correct",

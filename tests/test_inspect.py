@@ -216,7 +216,18 @@ def test_a_unit_is_named_wherever_an_id_is_accepted(source_run, run_dir, capsys)
     assert by_name[0] == by_id[0] == 0 and by_name[1] == by_id[1]
     assert by_name[1].startswith(f"unit {uid} (annotator-2): label mixed, size 24, level column:source")
     rc, js, _ = cli(capsys, source_run, "--unit", "annotator-2", "--format", "json")
-    assert json.loads(js)["unit"]["name"] == "annotator-2"
+    doc = json.loads(js)
+    assert doc["unit"]["name"] == "annotator-2"
+    # a mixed unit's members carry their own labels (blobs: sample i has label i % 3), and the
+    # trained model's prediction on each
+    assert [(m["sample_id"], m["label"], m["label_name"]) for m in doc["members"]] == [
+        (i, i % 3, str(i % 3)) for i in units["sample_ids"][uid]]
+    assert {m["label"] for m in doc["members"]} == {0, 1, 2}
+    assert all(m["agrees"] == (m["predicted"] == m["label"]) for m in doc["members"])
+    assert doc["unit"]["disagreeing"] == sum(not m["agrees"] for m in doc["members"])
+    assert units["member_labels"][uid] == [m["label"] for m in doc["members"]]
+    members = section(by_name[1], "members (")
+    assert [line.split()[:2] for line in members] == [[str(i), str(i % 3)] for i in units["sample_ids"][uid]]
     # the test sample view and the worst tests name the units too
     test_id = run.test_index().column("test_id")[0].as_py()
     rc, js, _ = cli(capsys, source_run, "--test-id", str(test_id), "--top", "2", "--format", "json")
