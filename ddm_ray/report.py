@@ -195,6 +195,8 @@ th{background:#f3f3f3}.grid{display:flex;flex-wrap:wrap;gap:8px 28px}.grid>div{m
 .member{width:48px;height:48px;image-rendering:pixelated;margin:1px;border:1px solid #bbb;object-fit:contain}
 .bars .member,.bars .testimg{width:96px;height:48px}.chart{max-width:100%}
 .pos{color:#2a8a2a}.neg{color:#c33}
+.warning{border:2px solid #d9822b;background:#fff4e5;border-radius:6px;padding:6px 12px;margin:10px 0}
+.warning ul{margin:4px 0;padding-left:20px}
 """
 
 _SCRIPT = """
@@ -341,6 +343,14 @@ def _summary(run: AuditRun, frame: _Frame, samples: _Samples, sample_note: str, 
         f'<p class="note" id="sample-note">{_e(sample_note)}</p></section>',
     ]
     return "".join(parts)
+
+
+def _warnings(warnings: list[str]) -> str:
+    """The warning box at the top of the page (nothing when there is nothing to warn about)."""
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
+    return f'<div class="warning" id="warnings"><strong>Warning{"s" if len(warnings) > 1 else ""}:</strong><ul>{items}</ul></div>'
 
 
 def _label_order_row(order: str | None) -> list[tuple[str, str]]:
@@ -535,8 +545,11 @@ def write_report(
     max_tests: int = 12,
     storage_options: dict[str, str] | None = None,
     log: Callable[[str], None] | None = None,
+    warnings_out: list[str] | None = None,
 ) -> str:
     """Write <run>/report/index.html (or <report_out>/index.html) and its PNGs; returns its path.
+    The page opens with the run's warnings (`ddm_ray.advice.run_warnings`), which are also
+    appended to `warnings_out` when given.
 
     Raises RunStateError when run_url holds no complete run, InputError for an unknown objective
     or test id, ConfigError for top/max_tests below 1. Data that cannot be loaded (e.g. a redacted
@@ -552,6 +565,11 @@ def write_report(
     frame = _frame(run, objective)
     positions = choose_tests(frame, test_ids, max_tests)
     validation = run.store.read_json(RunStore.VALIDATION) if run.store.exists(RunStore.VALIDATION) else None
+    from ddm_ray.advice import run_warnings
+
+    warnings = run_warnings(run.manifest, validation)
+    if warnings_out is not None:
+        warnings_out.extend(warnings)
     try:
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
         for name in os.listdir(os.path.join(folder, "samples")):  # drop our own stale pictures only
@@ -574,6 +592,7 @@ def write_report(
         "for margin and correct &Delta; &lt; 0 means it helped.</p>"
         '<nav><a href="#summary">Summary</a><a href="#tests">Test samples</a><a href="#units">Units</a>'
         '<a href="#distributions">Distributions</a></nav>'
+        + _warnings(warnings)
         + _summary(run, frame, samples, sample_note, validation)
         + _tests_section(frame, positions, samples, top, bool(test_ids))
         + _units_section(frame, stats, samples, top)

@@ -78,6 +78,10 @@ def cmd_run(a: argparse.Namespace) -> int:
         f"objectives -> {a.out} (config {manifest['config_hash']}, {manifest['timings_seconds']['total']:.1f}s)"
     )
     print("\n".join(next_steps(a, exe)))
+    from ddm_ray.advice import run_warnings
+
+    for w in run_warnings(manifest):
+        print(f"warning: {w}")
     return 0
 
 
