@@ -337,6 +337,44 @@ class ExecConfig:
         _check(math.isfinite(self.connect_timeout_s) and self.connect_timeout_s > 0, "connect timeout must be finite and > 0")
 
 
+_BASIS_ONLY = ("target", "target_solver", "probe_samples", "probe_pool", "probe_rank", "unrolled_rank", "probe_energy",
+               "probe_norm", "ridge", "influence_damping", "blend_weight", "calibration_units", "unroll_epochs")
+_MATCHING_ONLY = ("ipc", "steps", "lr", "max_gap")
+
+
+def applicable_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A `RunConfig.to_dict()` without the settings that did not apply to the run (for people to
+    read; the hash covers everything): the built-in models' widths for other models, k-means
+    options for `--units-from` units (and the column for k-means ones), the other distillation
+    method's options, blend and unrolled options of a target without them, Parquet columns of a
+    built-in dataset; and None values."""
+    out = {k: dict(v) for k, v in config.items() if isinstance(v, dict)}
+    drop: dict[str, set[str]] = {k: set() for k in out}
+    model, units, distill, data = (out.get(k, {}) for k in ("model", "units", "distill", "data"))
+    arch = model.get("arch")
+    if arch != "mlp":
+        drop.setdefault("model", set()).add("hidden")
+    if arch != "convnet":
+        drop.setdefault("model", set()).update(("conv_channels", "fc_width"))
+    if units.get("from_column"):
+        drop.setdefault("units", set()).update(("clusters_per_class", "features", "kmeans_iters", "min_size"))
+    method, target = distill.get("method"), distill.get("target")
+    if method == "basis":
+        drop.setdefault("distill", set()).update(_MATCHING_ONLY)
+        if target != "blend":
+            drop["distill"].update(("blend_weight", "calibration_units"))
+        if target == "influence":
+            drop["distill"].update(("unrolled_rank", "target_solver", "unroll_epochs"))
+        if distill.get("blend_weight") is not None:
+            drop["distill"].add("calibration_units")
+    elif method is not None:
+        drop.setdefault("distill", set()).update(_BASIS_ONLY)
+    if data.get("dataset") != "parquet":
+        drop.setdefault("data", set()).update(("x_column", "y_column", "id_column"))
+    return {section: {k: v for k, v in values.items() if v is not None and k not in drop.get(section, set())}
+            for section, values in out.items()}
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted names of the fields that differ between two `RunConfig.to_dict()`s, with both values,
     e.g. ["train.epochs: 30 -> 5"]; fields only one side has count as differing."""
