@@ -593,7 +593,9 @@ def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Sample
     suspects = suspects[:UNITS_LISTED]
     off = [frame.disagreeing(i) for i in range(len(frame.unit_ids))]
     share = np.array([(o or 0) / max(int(frame.unit_size[i]), 1) for i, o in enumerate(off)])
-    disagree_order = [int(i) for i in np.argsort(-share, kind="stable") if share[i] > 0][:UNITS_LISTED]
+    typical = float(np.median(share)) if share.size else 0.0  # outliers: at least twice the median share
+    disagree_order = [int(i) for i in np.argsort(-share, kind="stable")
+                      if share[i] > 0 and share[i] >= 2 * typical][:UNITS_LISTED]
 
     def row(i: int, kind: str, stat: str) -> list[str]:
         mixed = " (over its members' labels)" if stats["mixed_own"][i] else ""
@@ -610,8 +612,7 @@ def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Sample
               "total harm", "own-label mean effect", "other-label mean effect", "members drawn")
     hurt_rows = [row(i, "harmful", f"top-{top} harmful for {int(stats['hurt'][i])} tests") for i in hurt_order]
     sus_rows = [row(i, "harmful", f"own-label effect {own[i]:+.3g}") for i in suspects]
-    dis_rows = [row(i, "harmful", f"{off[i]} of {int(frame.unit_size[i])} labelled otherwise than predicted")
-                for i in disagree_order]
+    dis_rows = [row(i, "harmful", f"{share[i]:.0%} of its members") for i in disagree_order]
     effect = ("raises the loss" if frame.objective == "loss" else f"lowers the {frame.objective}")
     n_mixed = int((frame.unit_label == MIXED).sum())
     not_computed = int(np.isnan(own).sum())
@@ -628,7 +629,8 @@ def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Sample
     elif dis_rows:
         dis_html = _table(header, dis_rows)
     else:
-        dis_html = "<p><i>none: the trained model predicts every training sample's own label</i></p>"
+        dis_html = ("<p><i>none: the trained model predicts every training sample's own label</i></p>" if not share.any()
+                    else "<p><i>none stands out: no unit has twice the median share of such members</i></p>")
     mixed_note = (f" For the {n_mixed} unit(s) spanning labels the own-label effect is over their members' labels "
                   "(each label's test samples, weighted by how many members carry it)." if n_mixed else "")
     return (
@@ -647,9 +649,10 @@ def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Sample
         f"Normally a unit's removal {_e(effect)} on its own class.{_e(mixed_note)}</p>"
         + suspects_html
         + '<h4 id="label-disagreement">Members the trained model labels otherwise</h4>'
-        '<p class="note">Per member: its label against the trained model\'s prediction on it; units with the '
-        "largest share of such members first. A model that fits its training data fully disagrees with none, "
-        "so an empty list says little; a high share points at wrong labels.</p>"
+        '<p class="note">Per member: its label against the trained model\'s prediction on it. Listed: units '
+        f"where the share of such members is at least twice the median unit's ({typical:.0%}), largest first. "
+        "A model that fits its training data fully disagrees with none, so an empty list says little; a high "
+        "share points at wrong labels.</p>"
         + dis_html
         + "</section>"
     )
