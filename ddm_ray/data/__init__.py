@@ -23,6 +23,16 @@ from ddm_ray.data.parquet import encode_labels, read_split
 from ddm_ray.errors import InputError
 
 
+def unit_float32(a: np.ndarray, scale: float, chunk: int = 1 << 22) -> np.ndarray:
+    """a / scale as float32, computed in float64 chunk by chunk (the values of a float64 division
+    cast to float32, without a float64 copy of the whole array)."""
+    out = np.empty(a.shape, dtype=np.float32)
+    src, dst = a.reshape(-1), out.reshape(-1)
+    for i in range(0, src.size, chunk):
+        dst[i : i + chunk] = src[i : i + chunk] / scale
+    return out
+
+
 @dataclass
 class Dataset:
     """x_*: (N, *input_shape) float32; y_*: (N,) int64 class index; *_ids: (N,) int64."""
@@ -106,7 +116,7 @@ def _digits(cfg: DataConfig) -> Dataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
+    x = unit_float32(d.data, 16.0)
     y = d.target.astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(x))
     tr, te = perm[:1200], perm[1200:]
@@ -170,9 +180,11 @@ def _mnist(cfg: DataConfig) -> Dataset:
         labs = _idx(_open_maybe_gz(root, lab_name), lab_name)
         if imgs.ndim != 3 or labs.ndim != 1 or len(imgs) != len(labs):
             raise InputError(f"{root}: MNIST {split} images and labels do not match")
-        parts[split] = (imgs.reshape(len(imgs), -1) / 255.0, labs.astype(np.int64))
+        h, w = imgs.shape[1:]  # the test images' size is the one used (the last split read)
+        keep = cfg.max_train if split == "train" else cfg.max_test  # scale only the rows kept
+        imgs, labs = imgs[:keep], labs[:keep]
+        parts[split] = (unit_float32(imgs.reshape(len(imgs), -1), 255.0), labs.astype(np.int64))
     (x_tr, y_tr), (x_te, y_te) = parts["train"], parts["test"]
-    h, w = _idx(_open_maybe_gz(root, "t10k-images-idx3-ubyte"), "t10k").shape[1:]
     shape = cfg.input_shape or (1, h, w)
     return _finish(
         x_tr, y_tr, np.arange(len(x_tr)), x_te, y_te, np.arange(len(x_te)), shape, cfg, "mnist"
@@ -233,11 +245,12 @@ def _cifar10(cfg: DataConfig) -> Dataset:
         root = sub
     train = [_cifar_batch(os.path.join(root, f"data_batch_{i}")) for i in range(1, 6)]
     x_te, y_te = _cifar_batch(os.path.join(root, "test_batch"))
-    x_tr = np.concatenate([b[0] for b in train]) / 255.0
-    y_tr = np.concatenate([b[1] for b in train])
+    x_tr = unit_float32(np.concatenate([b[0] for b in train])[: cfg.max_train], 255.0)
+    y_tr = np.concatenate([b[1] for b in train])[: cfg.max_train]
+    x_te, y_te = x_te[: cfg.max_test], y_te[: cfg.max_test]
     shape = cfg.input_shape or (3, 32, 32)
     return _finish(
-        x_tr, y_tr, np.arange(len(x_tr)), x_te / 255.0, y_te, np.arange(len(x_te)), shape, cfg,
+        x_tr, y_tr, np.arange(len(x_tr)), unit_float32(x_te, 255.0), y_te, np.arange(len(x_te)), shape, cfg,
         "cifar10",
     )
 

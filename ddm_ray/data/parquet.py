@@ -14,6 +14,7 @@ values scaled to [0, 1]; the first image fixes the shape and every other must ma
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from ddm_ray.errors import DDMError, InputError, brief
 
 @dataclass
 class Columns:
-    """One split as arrays: x (N, F) float64, shape of one sample, y (N,) raw labels (int64 or
+    """One split as arrays: x (N, F) float32, shape of one sample, y (N,) raw labels (int64 or
     str objects), ids (N,) int64, groups (N,) raw values of the units column or None;
     label_names: the class names a Hugging Face `ClassLabel` stores for the label column in the
     file's schema metadata (index i names label i), or None."""
@@ -72,38 +73,62 @@ def class_label_names(metadata: dict[bytes, bytes] | None, column: str) -> list[
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-def _decode_images(blobs: list[bytes], url: str, first_row: int = 0) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Encoded images -> (N, C*H*W) float64 in [0, 1] and the shape (C, H, W) of the first one."""
+DECODE_THREADS = min(8, os.cpu_count() or 1)  # Pillow's decoders release the GIL
+_PARALLEL_FROM = 256  # images: fewer are decoded in the calling thread
+
+
+def _decode_one(blob: bytes, gray: bool | None, url: str, row: int) -> tuple[np.ndarray, bool]:
+    """One encoded image -> ((C, H, W) float64 in [0, 1], gray); gray None: decide from this
+    image (a grayscale mode: one channel; anything else: RGB)."""
     from PIL import Image, UnidentifiedImageError
 
-    out: np.ndarray | None = None
-    shape: tuple[int, ...] = ()
-    gray = False
-    for i, blob in enumerate(blobs):
-        try:
-            with Image.open(io.BytesIO(blob)) as im:
-                if out is None:
-                    gray = im.mode in _GRAY_MODES
-                if gray and im.mode.startswith("I"):  # 16/32-bit grayscale
-                    arr = np.asarray(im, dtype=np.float64)[None] / 65535.0
-                elif gray and im.mode == "F":  # float images are taken as they are
-                    arr = np.asarray(im, dtype=np.float64)[None]
-                elif gray:
-                    arr = np.asarray(im.convert("L"), dtype=np.float64)[None] / 255.0
-                else:
-                    arr = np.asarray(im.convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255.0
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise InputError(f"{url}: row {first_row + i}: not a decodable image ({brief(e)})") from None
-        if out is None:
-            shape = tuple(int(d) for d in arr.shape)
-            out = np.empty((len(blobs), arr.size), dtype=np.float64)
-        elif tuple(arr.shape) != shape:
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            if gray is None:
+                gray = im.mode in _GRAY_MODES
+            if gray and im.mode.startswith("I"):  # 16/32-bit grayscale
+                return np.asarray(im, dtype=np.float64)[None] / 65535.0, gray
+            if gray and im.mode == "F":  # float images are taken as they are
+                return np.asarray(im, dtype=np.float64)[None], gray
+            if gray:
+                return np.asarray(im.convert("L"), dtype=np.float64)[None] / 255.0, gray
+            return np.asarray(im.convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255.0, gray
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{url}: row {row}: not a decodable image ({brief(e)})") from None
+
+
+def _decode_images(blobs: list[bytes], url: str, first_row: int = 0,
+                   threads: int | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Encoded images -> (N, C*H*W) float32 in [0, 1] and the shape (C, H, W) of the first one,
+    which also decides grayscale or RGB for all. Decoded on `threads` threads (default
+    `DECODE_THREADS`; from `_PARALLEL_FROM` images on), each image computed in float64 and
+    stored as float32 (the values a float64 decode then a float32 cast give). The first bad
+    image in row order is the one reported."""
+    assert blobs, "no images to decode"
+    first, gray = _decode_one(blobs[0], None, url, first_row)
+    shape = tuple(int(d) for d in first.shape)
+    out = np.empty((len(blobs), first.size), dtype=np.float32)
+    out[0] = first.reshape(-1)
+
+    def decode(i: int) -> None:
+        arr, _ = _decode_one(blobs[i], gray, url, first_row + i)
+        if tuple(arr.shape) != shape:
             raise InputError(
                 f"{url}: row {first_row + i}: image of shape {','.join(map(str, arr.shape))}, but the first is "
                 f"{','.join(map(str, shape))}; resize the images to one size"
             )
         out[i] = arr.reshape(-1)
-    assert out is not None
+
+    workers = DECODE_THREADS if threads is None else threads
+    if workers <= 1 or len(blobs) < _PARALLEL_FROM:
+        for i in range(1, len(blobs)):
+            decode(i)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(decode, range(1, len(blobs)), chunksize=64):  # in row order: the first error
+                pass
     return out, shape
 
 
@@ -162,7 +187,9 @@ def _is_list(t: pa.DataType) -> bool:
 
 
 def _numeric_lists(col: pa.Array, url: str, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
-    """list<number> or nested lists of one shape -> (N, F) float64 and the per-sample shape."""
+    """list<number> or nested lists of one shape -> (N, F) float32 and the per-sample shape
+    (integers are converted through float64, chunk by chunk: the values a float64 array cast to
+    float32 has)."""
     n = len(col)
     shape: list[int] = []
     level: pa.Array = col
@@ -181,7 +208,14 @@ def _numeric_lists(col: pa.Array, url: str, name: str) -> tuple[np.ndarray, tupl
         raise InputError(f"{url}: column {name!r} must hold numbers or images, got {col.type}")
     if level.null_count:
         raise InputError(f"{url}: null values in {name!r}")
-    x = np.asarray(level, dtype=np.float64).reshape(n, -1)
+    if pa.types.is_floating(level.type):
+        x = np.array(level.cast(pa.float32()), dtype=np.float32).reshape(n, -1)  # a writable copy
+    else:
+        x = np.empty(len(level), dtype=np.float32)
+        step = 1 << 20
+        for i in range(0, len(level), step):
+            x[i : i + step] = np.asarray(level.slice(i, step), dtype=np.float64)
+        x = x.reshape(n, -1)
     return x, tuple(shape)
 
 
@@ -192,30 +226,33 @@ def read_split(
     """Read one Parquet split (its first max_rows rows when given, sliced before any image is
     decoded); raises InputError with a one-line reason for anything unusable. id_required: the
     id column was named by the user, so its absence is an error, not the row number."""
-    from ddm_ray.store.fs import open_url, read_parquet, redact
+    from ddm_ray.store.fs import open_url, parquet_schema, read_parquet_part, redact
 
     raw, url = url, redact(url)  # messages never echo a presigned signature
     try:
         fs, path = open_url(raw, storage_options)
-        table = read_parquet(fs, path)
+        schema, num_rows = parquet_schema(fs, path)
     except FileNotFoundError:
         raise InputError(f"{url}: no such file") from None
     except DDMError:
         raise
     except Exception as e:  # noqa: BLE001  storage back-ends raise far beyond OSError
         raise InputError(f"{url}: cannot read as Parquet ({brief(e)})") from None
-    names = table.column_names
-    label_names = class_label_names(table.schema.metadata, y_column)
+    names = schema.names
+    label_names = class_label_names(schema.metadata, y_column)
     wanted = [x_column, y_column] + ([group_column] if group_column else [])
     for col in wanted:
         if col not in names:
             raise InputError(f"{url}: missing column {col!r} (has {', '.join(names) or 'none'})")
-    if table.num_rows == 0:
+    if num_rows == 0:
         raise InputError(f"{url}: no rows")
-    if max_rows is not None:
-        table = table.slice(0, max_rows)
     if id_required and id_column not in names:
         raise InputError(f"{url}: missing id column {id_column!r} (has {', '.join(names)})")
+    columns = list(dict.fromkeys([*wanted, *([id_column] if id_column in names else [])]))
+    try:  # only these columns, and only the rows asked for: the rest of the file is never read
+        table = read_parquet_part(fs, path, columns, max_rows)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{url}: cannot read as Parquet ({brief(e)})") from None
     xcol = table.column(x_column).combine_chunks()
     if xcol.null_count:
         raise InputError(f"{url}: null values in {x_column!r}")
