@@ -51,8 +51,8 @@ def test_each_warning_and_its_threshold():
 
 @pytest.fixture(scope="module")
 def unstable_run(tmp_path_factory) -> Path:
-    """3 units (one cluster per class) trained with lr 8: past the stability limit, and dearer
-    than retraining its 3 units (the blend calibration alone retrains them)."""
+    """3 units (one cluster per class) trained with lr 8: past the stability limit, and usually
+    dearer than retraining its 3 units (the blend calibration alone retrains them)."""
     from tests.conftest import blobs, write_parquet
 
     d = tmp_path_factory.mktemp("warn")
@@ -78,8 +78,11 @@ def test_run_report_and_validate_warn(unstable_run: Path):
     manifest = json.loads((unstable_run / "manifest.json").read_text())
     assert manifest["stability"]["unstable"] and manifest["counts"]["units"] == 3
     expected = run_warnings(manifest)
-    assert len(expected) == 2 and expected[0].startswith("training ran past its stability limit")
-    assert expected[1].startswith("this run cost more than retraining every unit exactly")
+    assert expected[0].startswith("training ran past its stability limit")
+    # the cost in trainings is measured (timings), so whether it tops 3 retrainings is the run's own figure
+    dearer = manifest["distillation"]["distill_trainings"] + 1 >= 3
+    assert len(expected) == 1 + dearer
+    assert not dearer or expected[1].startswith("this run cost more than retraining every unit exactly")
     out = (unstable_run.parent / "run-stdout.txt").read_text()
     assert [line for line in out.splitlines() if line.startswith("warning: ")] == [f"warning: {w}" for w in expected]
 
@@ -89,7 +92,8 @@ def test_run_report_and_validate_warn(unstable_run: Path):
     page = (unstable_run / "report" / "index.html").read_text()
     box = re.search(r'<div class="warning" id="warnings">(.*?)</div>', page).group(1)
     assert page.index('id="warnings"') < page.index('id="summary"')  # at the top of the page
-    assert box.count("<li>") == 2 and "stability limit" in box and "cost more than retraining" in box
+    assert box.count("<li>") == len(expected) and "stability limit" in box
+    assert ("cost more than retraining" in box) == dearer
 
     v = _cli("validate", str(unstable_run), "--engine", "local")
     assert v.returncode == 0, v.stderr
