@@ -24,6 +24,7 @@ TARGETS = ("unrolled", "influence", "blend")
 PROBE_POOLS = ("test", "train", "both")
 TARGET_SOLVERS = ("auto", "adjoint", "forward")
 UNIT_FEATURES = ("input", "penultimate")
+METHODS = ("ddm", "exact")
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices: tuple[str, ...] | None = None,
@@ -186,16 +187,18 @@ class DistillConfig:
                           "test (what a removal's effect is measured on) | train | both", choices=PROBE_POOLS,
                           advanced=True)
     probe_rank: int = opt(256, "basis: most probe subspace directions k", advanced=True)
-    unrolled_rank: int = opt(128, "basis: the unrolled target (adjoint) runs on this many leading directions; "
-                             "the influence target covers the rest", advanced=True)
-    probe_energy: float | None = opt(0.99, "basis: fewer directions when they hold this share of the probe "
-                                     "gradients' energy (default 0.99; none: always probe_rank)", advanced=True)
+    unrolled_rank: int | None = opt(None, "basis: the unrolled target (adjoint) runs on this many leading "
+                                    "directions, the influence target covers the rest (default: all of them "
+                                    "for a model without convolutions, 32 with them: a vmapped convolution "
+                                    "costs about 2 training steps per direction)", advanced=True)
+    probe_energy: float | None = opt(0.999, "basis: fewer directions when they hold this share of the probe "
+                                     "gradients' energy (default 0.999; none: always probe_rank)", advanced=True)
     probe_norm: float = opt(0.5, "basis: probe gradients divided by their norm ** this", advanced=True)
     ridge: float = opt(1e-3, "basis: shrinkage of weak probe directions (x largest)", flag="basis-ridge", advanced=True)
     influence_damping: float = opt(0.005, "influence: damping relative to the largest curvature", advanced=True)
     blend_weight: float | None = opt(None, "blend: weight of the unrolled target (default: the targets' lengths "
                                      "fitted on exact retrainings)", advanced=True)
-    calibration_units: int = opt(8, "blend calibration: units retrained exactly to fit the targets' lengths",
+    calibration_units: int = opt(16, "blend calibration: units retrained exactly to fit the targets' lengths",
                                  advanced=True)
     unroll_epochs: int | None = opt(None, "unroll only the last N epochs (default: all)", advanced=True)
     ipc: int = opt(4, "soft_label/literal: synthetic samples per unit", advanced=True)
@@ -216,7 +219,7 @@ class DistillConfig:
         _check(self.unroll_epochs is None or self.unroll_epochs >= 1, "unroll epochs must be >= 1")
         _check(1 <= self.probe_samples <= 65536, "probe samples must be in [1, 65536]")
         _check(1 <= self.probe_rank <= 4096, "probe rank must be in [1, 4096]")
-        _check(1 <= self.unrolled_rank <= 4096, "unrolled rank must be in [1, 4096]")
+        _check(self.unrolled_rank is None or 1 <= self.unrolled_rank <= 4096, "unrolled rank must be in [1, 4096]")
         _check(self.probe_norm >= 0, "probe norm must be >= 0")
         _check(self.probe_pool in PROBE_POOLS, f"probe pool must be one of {PROBE_POOLS}")
         _check(self.probe_energy is None or 0 < self.probe_energy <= 1, "probe energy must be in (0, 1]")
@@ -228,8 +231,17 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class OnlineConfig:
-    """The fast-learn step: fine-tuning the final model on synsets, and what is measured."""
+    """How each unit's row is computed, and what is measured.
 
+    method:
+      ddm (default): the fast-learn step: fine-tuning the final model on the unit's synset
+        (distilled offline, `DistillConfig`);
+      exact: exact leave-one-out retraining of every unit (`core.training.retrain_without`: the
+        same init, seed and data order with the unit's samples dropped); no distillation at all.
+        Cheaper than DDM below the break-even number of units the run logs."""
+
+    method: str = opt("ddm", "rows by ddm (distilled synsets, one online step) | exact (retrain without each "
+                      "unit; cheaper below the break-even number of units the run logs)", choices=METHODS)
     steps: int = opt(1, "fine-tuning steps on a synset (basis synsets are solved for 1)", flag="online-steps",
                      advanced=True)
     lr: float = opt(0.1, "fine-tuning learning rate", flag="online-lr", advanced=True)
@@ -238,6 +250,7 @@ class OnlineConfig:
                          choices=("fp32", "tf32", "bf16"), advanced=True)
 
     def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"method must be one of {METHODS}")
         _check(self.precision in ("fp32", "tf32", "bf16"), "precision must be fp32, tf32 or bf16")
         _check(self.steps >= 1, "online steps must be >= 1")
         _check(math.isfinite(self.lr) and self.lr > 0, "online lr must be a finite number > 0")
@@ -286,7 +299,10 @@ class RunConfig:
         return d
 
     def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        d = self.to_dict()
+        if d["online"].get("method") == "ddm":  # added later: a DDM config keeps the hash it had before
+            del d["online"]["method"]
+        blob = json.dumps(d, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
@@ -320,7 +336,8 @@ class ExecConfig:
     device: str = opt("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     online_batch: int | None = opt(None, "units fine-tuned together per pass (default: from free memory)",
                                    advanced=True)
-    block_units: int = opt(64, "units per online task and per Parquet part", advanced=True)
+    block_units: int | None = opt(None, "units per online task and per Parquet part (default: 64; "
+                                  "--method exact: 1, one retraining per task)", advanced=True)
     max_in_flight: int | None = opt(None, "online tasks in flight (default: 2 x workers)", advanced=True)
     num_cpus: int | None = opt(None, "CPUs for a local Ray runtime")
     resume: bool = opt(False, "finish an interrupted run in --out")
@@ -328,11 +345,16 @@ class ExecConfig:
     connect_timeout_s: float = opt(30.0, "seconds to wait for --address / RAY_ADDRESS to answer",
                                    flag="connect-timeout", advanced=True)
 
+    def block_size(self, method: str) -> int:
+        """Units per block (task and Parquet part): --block-units, else 64 for DDM's online
+        blocks and 1 for exact retraining (each unit is a whole training: one task per unit)."""
+        return self.block_units or (1 if method == "exact" else 64)
+
     def __post_init__(self) -> None:
         _check(self.engine in ("ray", "local"), "engine must be ray or local")
         _check(self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
         _check(self.online_batch is None or self.online_batch >= 1, "online batch must be >= 1")
-        _check(self.block_units >= 1, "block units must be >= 1")
+        _check(self.block_units is None or self.block_units >= 1, "block units must be >= 1")
         _check(self.max_in_flight is None or self.max_in_flight >= 1, "max in flight must be >= 1")
         _check(math.isfinite(self.connect_timeout_s) and self.connect_timeout_s > 0, "connect timeout must be finite and > 0")
 
@@ -347,7 +369,8 @@ def applicable_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     read; the hash covers everything): the built-in models' widths for other models, k-means
     options for `--units-from` units (and the column for k-means ones), the other distillation
     method's options, blend and unrolled options of a target without them, Parquet columns of a
-    built-in dataset; and None values."""
+    built-in dataset, the distillation and online-step settings of `--method exact`; and None
+    values."""
     out = {k: dict(v) for k, v in config.items() if isinstance(v, dict)}
     drop: dict[str, set[str]] = {k: set() for k in out}
     model, units, distill, data = (out.get(k, {}) for k in ("model", "units", "distill", "data"))
@@ -371,6 +394,9 @@ def applicable_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         drop.setdefault("distill", set()).update(_BASIS_ONLY)
     if data.get("dataset") != "parquet":
         drop.setdefault("data", set()).update(("x_column", "y_column", "id_column"))
+    if out.get("online", {}).get("method") == "exact":  # exact retraining: no synsets, no online step
+        out.pop("distill", None)
+        drop.setdefault("online", set()).update(("steps", "lr", "precision"))
     return {section: {k: v for k, v in values.items() if v is not None and k not in drop.get(section, set())}
             for section, values in out.items()}
 

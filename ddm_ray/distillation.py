@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ddm_ray.config import RunConfig
+from ddm_ray.config import DistillConfig, RunConfig
 from ddm_ray.core.adjoint import adjoint_unrolled
 from ddm_ray.core.distill import basis_synset, distill_class
 from ddm_ray.core.metrics import pearson, spearman
@@ -220,9 +220,15 @@ def _check_piece(key: str, piece: dict[str, torch.Tensor]) -> None:
 
 
 def calibration_units(num_units: int, n: int, seed: int) -> list[int]:
-    """A seeded sample of n units (ascending), the same for every run of a config."""
+    """A seeded sample of n units (ascending), the same for every run of a config; never more
+    than a quarter of the units (at least 2), so calibration stays a small part of the run."""
     gen = torch.Generator().manual_seed(seed + 4_242)
-    return sorted(torch.randperm(num_units, generator=gen)[: min(n, num_units)].tolist())
+    return sorted(torch.randperm(num_units, generator=gen)[: calibration_count(num_units, n)].tolist())
+
+
+def calibration_count(num_units: int, n: int) -> int:
+    """How many units `calibration_units` retrains: n, at most a quarter of them (at least 2)."""
+    return min(n, max(2, num_units // 4), num_units)
 
 
 def exact_loss_deltas(
@@ -248,6 +254,27 @@ def exact_loss_deltas(
     return torch.stack(rows).cpu(), torch.stack(coords).cpu()
 
 
+CONV_UNROLLED_RANK = 32
+
+
+def unrolled_rank_of(d: DistillConfig, net: Network, rank: int) -> int:
+    """How many leading directions of the rank-k subspace the adjoint runs on: `unrolled_rank`,
+    or by default all k for a model without convolutions and CONV_UNROLLED_RANK with them (a
+    vmapped convolution runs as a grouped one, about 2 training steps per direction and step)."""
+    return unrolled_rank_for(d, rank, has_convolutions(net))
+
+
+def has_convolutions(net: Network) -> bool:
+    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in net.module.modules())
+
+
+def unrolled_rank_for(d: DistillConfig, rank: int, convolutions: bool) -> int:
+    """`unrolled_rank_of` for a model that has (or has not) convolutions."""
+    if d.unrolled_rank is not None:
+        return min(rank, d.unrolled_rank)
+    return min(rank, CONV_UNROLLED_RANK) if convolutions else rank
+
+
 def calibrate_target(
     cfg: RunConfig, off: Offline, basis: ProbeBasis, unrolled: torch.Tensor, influence: torch.Tensor,
     call: Callable[..., Any],
@@ -263,7 +290,7 @@ def calibrate_target(
     units = calibration_units(off.units.num_units, d.calibration_units, d.seed)
     exact, coords = call(exact_loss_deltas, cfg, off, units, basis.v)
     idx = torch.tensor(units)
-    features = target_features(unrolled, influence, min(basis.rank, d.unrolled_rank))
+    features = target_features(unrolled, influence, unrolled_rank_of(d, off.net, basis.rank))
     coef, c = fit_target(features, coords, idx)
     syn = basis_synset(basis, idx, c[idx], cfg.online.lr, d.ridge, ds.num_classes)
     got = evaluate_units(off.net, off.traj.final, syn, ds.x_test, ds.y_test, ("loss",), 1, cfg.online.lr)[0]
@@ -318,7 +345,7 @@ def distill_synsets(
         log(f"distill: probe subspace of rank {basis.rank} ({basis.energy:.3f} of the probe gradients' energy)")
         pieces = InfluencePieces(state["h"], state["g"]) if "h" in state else None
     rank = 0 if basis is None else basis.rank
-    urank = min(rank, d.unrolled_rank)  # the adjoint's leading directions
+    urank = unrolled_rank_of(d, off.net, rank)  # the adjoint's leading directions
     shards = plan_shards(cfg, off.units.num_units, ds.num_classes, urank, n_shards)
     if info is not None:
         info.update({"method": d.method, "shards": len(shards)})

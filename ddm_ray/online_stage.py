@@ -1,5 +1,9 @@
 """The online stage as plain functions: blocks of units -> leave-one-out rows -> one Parquet part
 per block. An executor decides where `run_block` runs; the driver never holds the matrix.
+
+A job is an `OnlineJob` (DDM: one descent step on each unit's synset) or an `ExactJob`
+(`--method exact`: each unit retrained exactly by `core.training.retrain_without`); both write
+the same rows (`rows_table`) into the same parts, so resume and every reader treat them alike.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from ddm_ray.core.online import (
     evaluate_units,
 )
 from ddm_ray.core.synset import Synset
+from ddm_ray.core.training import retrain_without
 from ddm_ray.errors import NonFiniteError
 from ddm_ray.store.run_store import RunStore, part_name
 
@@ -110,6 +115,12 @@ def evaluate_block(job: OnlineJob, block: Block, weight: torch.Tensor, ctx: Onli
             f"online: non-finite deltas for units {block.first}-{block.last}; the synsets or the model "
             "diverged (lower --lr or --online-lr, or normalise the inputs)"
         )
+    return rows_table(unit_ids, names, deltas)
+
+
+def rows_table(unit_ids: torch.Tensor, names: tuple[str, ...], deltas: torch.Tensor) -> pa.Table:
+    """The attribution rows of a block: deltas (n_obj, U, N) for units unit_ids (U,) -> one row
+    per (unit, objective) with its delta list over the N test samples."""
     n_obj, n_units, n_test = deltas.shape
     unit_col = np.repeat(unit_ids.numpy(), n_obj)
     obj_col = np.tile(np.array(names, dtype=object), n_units)
@@ -119,8 +130,88 @@ def evaluate_block(job: OnlineJob, block: Block, weight: torch.Tensor, ctx: Onli
     return pa.table({"unit_id": pa.array(unit_col, pa.int64()), "objective": pa.array(obj_col, pa.string()), "delta": delta_col})
 
 
-def run_block(job: OnlineJob, block: Block, weight: torch.Tensor, ctx: OnlineContext | None = None) -> int:
-    """Evaluate one block and write its Parquet part; returns the number of rows written."""
-    table = evaluate_block(job, block, weight, ctx)
+# ---- --method exact: every unit retrained ---------------------------------------------------------
+@dataclass
+class ExactJob:
+    """Everything an exact leave-one-out block needs (`--method exact`); put into the object store once."""
+
+    cfg: RunConfig
+    input_shape: tuple[int, ...]
+    num_classes: int
+    params0: Params
+    final: Params
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    unit_of: torch.Tensor  # (N,) each training sample's unit
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    store_url: str
+    storage_options: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"
+
+
+@dataclass
+class ExactContext:
+    """What every exact block of one job shares: network, init, data on the device, base objectives."""
+
+    net: Network
+    params0: Params
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    base: torch.Tensor
+
+
+def exact_context(job: ExactJob) -> ExactContext:
+    dev = torch.device(job.device)
+    net = Network(job.cfg.model, job.input_shape, job.num_classes)
+    net.module.to(dev)
+    final = {k: v.to(dev) for k, v in job.final.items()}
+    x_test, y_test = job.x_test.to(dev), job.y_test.to(dev)
+    base = base_objectives(net, final, x_test, y_test, job.cfg.online.objectives)
+    return ExactContext(net, {k: v.to(dev) for k, v in job.params0.items()}, job.x_train.to(dev),
+                        job.y_train.to(dev), x_test, y_test, base)
+
+
+def exact_block(job: ExactJob, block: Block, ctx: ExactContext | None = None) -> pa.Table:
+    """Exact leave-one-out rows for the units of a block: each unit retrained from the run's init
+    with the same seed and data order, its samples dropped (`core.training.retrain_without`),
+    then f(theta_{-u}, x) - f(theta, x) on every test sample, for every objective."""
+    ctx = ctx or exact_context(job)
+    names = job.cfg.online.objectives
+    unit_ids = torch.arange(block.first, block.last + 1)
+    rows = []
+    for u in unit_ids.tolist():
+        p = retrain_without(ctx.net, ctx.params0, ctx.x_train, ctx.y_train, job.cfg.train, job.unit_of == u)
+        rows.append(base_objectives(ctx.net, p, ctx.x_test, ctx.y_test, names) - ctx.base)
+    deltas = torch.stack(rows, 1).cpu()  # (n_obj, U, N)
+    if not bool(torch.isfinite(deltas).all()):
+        raise NonFiniteError(
+            f"exact: non-finite deltas for units {block.first}-{block.last}; retraining diverged "
+            "(lower --lr or normalise the inputs)"
+        )
+    return rows_table(unit_ids, names, deltas)
+
+
+def block_context(job: OnlineJob | ExactJob) -> OnlineContext | ExactContext:
+    """The state every block of `job` shares, built once per process."""
+    return exact_context(job) if isinstance(job, ExactJob) else online_context(job)
+
+
+def run_block(
+    job: OnlineJob | ExactJob, block: Block, weight: torch.Tensor | None,
+    ctx: OnlineContext | ExactContext | None = None,
+) -> int:
+    """Evaluate one block and write its Parquet part; returns the number of rows written.
+
+    weight: the block's synset weight rows (OnlineJob); None for an ExactJob.
+    ctx: `block_context(job)`, built here when not given."""
+    if isinstance(job, ExactJob):
+        table = exact_block(job, block, ctx if isinstance(ctx, ExactContext) else None)
+    else:
+        if weight is None:
+            raise ValueError(f"online block {block.part} needs its synset weight rows")
+        table = evaluate_block(job, block, weight, ctx if isinstance(ctx, OnlineContext) else None)
     RunStore(job.store_url, job.storage_options).write_part(block.first, block.last, table)
     return table.num_rows

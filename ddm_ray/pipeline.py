@@ -1,8 +1,10 @@
 """The run driver: one run from data to a complete manifest, independent of where work executes.
 
-offline: load data -> train with a trajectory -> units (`ddm_ray.offline`) -> synsets
-         (`ddm_ray.distillation`)
+offline: load data -> train with a trajectory -> units (`ddm_ray.offline`) -> the cost estimate
+         (`ddm_ray.cost`) -> synsets (`ddm_ray.distillation`)
 online:  blocks of units -> leave-one-out rows -> one Parquet part per block (`ddm_ray.online_stage`)
+
+`--method exact` skips the synsets: its blocks retrain every unit exactly, into the same parts.
 
 An executor (`ddm_ray.engine`) decides where shards, blocks and one-process calls run: in-process
 (`LocalExecutor`) or as Ray actors and tasks. The driver never holds the attribution matrix.
@@ -27,11 +29,12 @@ from ddm_ray.core.models import Network, flatten
 from ddm_ray.core.synset import Synset
 from ddm_ray.core.training import Trajectory
 from ddm_ray.core.units import Units
+from ddm_ray.cost import break_even_units, cost_lines, estimate_cost, time_kernels
 from ddm_ray.data import Dataset, load_dataset
 from ddm_ray.distillation import DistillJob, Shard, distill_synsets
 from ddm_ray.errors import InputError, RunStateError
 from ddm_ray.offline import Offline, stability_of, test_index_table, train_and_units, units_table
-from ddm_ray.online_stage import Block, OnlineJob, online_batch_for
+from ddm_ray.online_stage import Block, ExactJob, OnlineJob, online_batch_for
 from ddm_ray.store.lease import LEASE, Lease
 from ddm_ray.store.run_store import RunStore
 
@@ -47,8 +50,11 @@ class Executor(Protocol):
     ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]: ...
 
     def evaluate(
-        self, job: OnlineJob, blocks: list[tuple[Block, torch.Tensor]]
-    ) -> Iterator[tuple[Block, int]]: ...
+        self, job: OnlineJob | ExactJob, blocks: list[tuple[Block, torch.Tensor | None]]
+    ) -> Iterator[tuple[Block, int]]:
+        """Run every block (an online block with its synset weight rows, or a block of exact
+        retrainings with None), each writing its Parquet part; yield (block, rows) as they finish."""
+        ...
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args, device=...) where one-process heavy work belongs (training, k-means, the
@@ -113,9 +119,9 @@ class Run:
 
     def __init__(
         self, cfg: RunConfig, exe: ExecConfig, out: str, executor: Executor, log: Any = None,
-        progress: Callable[[int, int], Any] | None = None,
+        progress: Callable[..., Any] | None = None,
     ) -> None:
-        """progress(total_rows, rows_already_done) -> object with update(rows) and close()."""
+        """progress(total_rows, rows_already_done, what=stage name) -> object with update(rows) and close()."""
         self.cfg, self.exe, self.executor = cfg, exe, executor
         self.store = RunStore(out, exe.storage_options)
         self.log = log or logging.getLogger(__name__).info  # stage lines, through the ddm_ray loggers
@@ -128,6 +134,7 @@ class Run:
         self.model_fingerprint: str | None = None
         self.distillation: dict[str, Any] = {}
         self.stability: dict[str, Any] | None = None
+        self.cost_estimate: dict[str, Any] | None = None
         self.part_records: dict[str, Any] = {}  # part name -> rows, sha256, bytes (once complete)
 
     def _stage(self, name: str, t0: float) -> None:
@@ -138,6 +145,7 @@ class Run:
         self.manifest = {
             "format": FORMAT_VERSION,
             "status": status,
+            "method": self.cfg.online.method,
             "config": self.cfg.to_dict(),
             "config_hash": self.cfg.hash(),
             "data_fingerprint": self.fingerprint,
@@ -149,11 +157,13 @@ class Run:
             "parts": self.part_records,
             "distillation": self.distillation,
             "stability": self.stability,
+            "cost_estimate": self.cost_estimate,
             "execution": {
                 "engine": self.exe.engine,
                 "online_batch": self.online_batch,
-                "online_batch_mode": "fixed" if self.exe.online_batch else "auto (free memory)",
-                "block_units": self.exe.block_units,
+                "online_batch_mode": ("none (exact retraining)" if self.cfg.online.method == "exact"
+                                      else "fixed" if self.exe.online_batch else "auto (free memory)"),
+                "block_units": self.exe.block_size(self.cfg.online.method),
                 **self.executor.describe(),
             },
         }
@@ -204,6 +214,64 @@ class Run:
             },
         )
         return off
+
+    def _estimate_cost(self, off: Offline) -> None:
+        """Log (and keep for the manifest) DDM's estimated distillation cost in trainings and the
+        break-even number of units, before anything of it is spent (`ddm_ray.cost`); warn when
+        the other method is the cheaper one."""
+        ds, method, n_units = off.dataset, self.cfg.online.method, off.units.num_units
+        if self.cfg.distill.method != "basis":
+            self.log(f"cost estimate: none for --distill-method {self.cfg.distill.method}")
+            return
+        t0 = time.perf_counter()
+        try:
+            kernels = self.executor.call(time_kernels, self.cfg, off)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+            self.log(f"cost estimate: not measured ({type(e).__name__}: the timed kernels did not fit)")
+            return
+        self.cost_estimate = estimate_cost(
+            self.cfg, int(ds.y_train.numel()), int(ds.y_test.numel()), n_units,
+            int(flatten(off.traj.final).numel()), kernels,
+        )
+        self._stage("cost_estimate", t0)
+        line, advice = cost_lines(self.cost_estimate, n_units, method)
+        self.log(line)
+        if advice is not None:
+            if method == "ddm":
+                logging.getLogger(__name__).warning(advice)
+            else:
+                self.log(advice)
+
+    def _measured_cost(self, n_units: int, units_done: int) -> None:
+        """The cost as measured, in trainings: one training is a calibration retraining of this
+        session when distillation ran them (real work, under the same load), else the estimate's
+        timed one (`cost.training_seconds`)."""
+        est = self.cost_estimate
+        timed = float(est["training_seconds"]) if est else 0.0
+        if self.cfg.online.method == "exact":
+            if units_done:
+                each = self.timings["exact"] / units_done
+                ddm = (f"; at that rate DDM's distillation (about {est['distill_trainings']:.1f} trainings) would "
+                       f"take about {est['distill_trainings'] * each:.0f}s" if est else "")
+                self.log(f"cost: exact retraining took {each:.2f}s per unit, {units_done} units this session{ddm}")
+            return
+        if "train_and_units" not in self.timings or "distill" not in self.timings:
+            return  # resumed: this session's timings do not cover the whole offline stage
+        calibrated = len(self.distillation.get("blend_calibration", {}).get("units", []))
+        if calibrated and "distill_calibration" in self.timings:
+            one, what = self.timings["distill_calibration"] / calibrated, f"{calibrated} calibration retrainings' mean"
+        elif timed > 0:
+            one, what = timed, "timed for the estimate"
+        else:
+            return
+        d = self.timings["distill"] / one
+        self.distillation["distill_trainings"] = round(d, 3)
+        self.distillation["training_seconds"] = round(one, 3)
+        estimated = f", estimated {est['distill_trainings']:.1f}" if est else ""
+        self.log(f"cost: distillation took {d:.1f} trainings ({self.timings['distill']:.1f}s; a training {one:.2f}s, "
+                 f"the {what}{estimated}); retraining every unit would take {n_units}, so this run "
+                 f"{'beats' if n_units > d else 'does not beat'} exact leave-one-out "
+                 f"(break-even at about {break_even_units(d)} units)")
 
     def _verified_parts(self, expected: set[str], rows_of: dict[str, int]) -> set[str]:
         """On resume: the parts whose bytes match their checksum record; every other file in
@@ -290,27 +358,41 @@ class Run:
         else:
             self.log(f"stability: top Hessian eigenvalue {max(map(abs, self.stability['top_eigenvalue'])):.3g} "
                      f"within the limit 2(1+momentum)/lr = {self.stability['limit']:.3g}")
-        syn = self._synsets(off, resume, n_shards)
         n_units = off.units.num_units
+        method = self.cfg.online.method
+        self._estimate_cost(off)
+        job: OnlineJob | ExactJob
+        if method == "exact":  # no synsets: every block retrains its units exactly
+            syn = None
+            job = ExactJob(
+                self.cfg, dataset.input_shape, dataset.num_classes, off.params0, off.traj.final,
+                dataset.x_train, dataset.y_train, off.units.unit_of, dataset.x_test, dataset.y_test,
+                self.store.url, self.exe.storage_options,
+            )
+        else:
+            syn = self._synsets(off, resume, n_shards)
+            job = OnlineJob(
+                self.cfg, off.dataset.input_shape, off.dataset.num_classes, off.traj.final,
+                off.dataset.x_test, off.dataset.y_test, syn.x, syn.label, self.store.url, self.exe.storage_options,
+                online_batch=self.exe.online_batch,
+            )
         names = self.cfg.online.objectives
-        bs = self.exe.block_units
+        bs = self.exe.block_size(method)
         blocks = [Block(i, min(i + bs, n_units) - 1) for i in range(0, n_units, bs)]
         expected = {b.part for b in blocks}
         rows_of = {b.part: (b.last - b.first + 1) * len(names) for b in blocks}
         done = self._verified_parts(expected, rows_of) if resume else set()
-        todo = [(b, syn.weight[b.first : b.last + 1].clone()) for b in blocks if b.part not in done]
-        job = OnlineJob(
-            self.cfg, off.dataset.input_shape, off.dataset.num_classes, off.traj.final,
-            off.dataset.x_test, off.dataset.y_test, syn.x, syn.label, self.store.url, self.exe.storage_options,
-            online_batch=self.exe.online_batch,
-        )
-        if self.online_batch is None and n_units:
+        todo = [(b, None if syn is None else syn.weight[b.first : b.last + 1].clone())
+                for b in blocks if b.part not in done]
+        if isinstance(job, OnlineJob) and self.online_batch is None and n_units:
             # what a worker on this machine's device picks (GPU workers size from their own memory)
             self.online_batch = online_batch_for(job, off.net, off.traj.final)[0]
         t0 = time.perf_counter()
         rows = 0
         units_left = sum(b.last - b.first + 1 for b, _ in todo)
-        bar = self.progress(n_units * len(names), (n_units - units_left) * len(names)) if self.progress else None
+        stage = "exact" if method == "exact" else "online"
+        bar = (self.progress(n_units * len(names), (n_units - units_left) * len(names), what=stage)
+               if self.progress else None)
         try:
             for _block, n in self.executor.evaluate(job, todo):
                 rows += n
@@ -319,15 +401,8 @@ class Run:
         finally:
             if bar is not None:
                 bar.close()
-        self._stage("online", t0)
-        train_s = self.timings.get("train_and_units")
-        if train_s and "distill" in self.timings:
-            # the offline stage's cost in trainings (training + units counted as one training)
-            offline_tr = (self.timings["distill"] + self.timings.get("stability", 0.0)) / train_s
-            self.distillation["distill_trainings"] = round(offline_tr, 3)
-            self.log(f"cost: distillation took {offline_tr:.1f} trainings; retraining every unit would take "
-                     f"{n_units}, so this run {'beats' if offline_tr + 1 < n_units else 'does not beat'} "
-                     f"exact leave-one-out (break-even at about {offline_tr + 1:.0f} units)")
+        self._stage(stage, t0)
+        self._measured_cost(n_units, units_left)
         records = {name: self.store.part_record(name) for name in sorted(expected)}
         bad = {n: p for n, r in records.items() if (p := self.store.part_problem(n, r, rows_of[n])) is not None}
         if bad:

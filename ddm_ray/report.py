@@ -390,7 +390,7 @@ def _summary(run: AuditRun, frame: _Frame, samples: _Samples, sample_note: str, 
         '<section id="summary"><h2>Summary</h2><div class="grid">',
         f"<div><h3>Data and model</h3>{_table(('', ''), data_rows)}</div>",
         f"<div><h3>Stage timings (seconds)</h3>{_table(('stage', 'seconds'), timing_rows)}</div>",
-        "<div><h3>Fidelity</h3>" + _fidelity(validation) + "</div>",
+        "<div><h3>Fidelity</h3>" + (_EXACT_NOTE if m.get("method") == "exact" else _fidelity(validation)) + "</div>",
         "</div>",
         _stability(m.get("stability")),
         f'<h3>Config <span class="note">(hash {_e(m.get("config_hash", "?"))})</span></h3>',
@@ -452,6 +452,10 @@ def _stability(st: dict[str, Any] | None) -> str:
     if st.get("unstable"):
         return f'<p class="warning" id="stability-warning"><strong>Warning:</strong> {_e(st.get("warning", line))}</p>'
     return f'<p class="note" id="stability">{_e(line)}</p>'
+
+
+_EXACT_NOTE = ('<p class="note" id="exact-rows">The rows are exact leave-one-out retraining '
+               "(<code>--method exact</code>): every unit retrained without its samples, nothing estimated.</p>")
 
 
 def _fidelity(v: dict[str, Any] | None) -> str:

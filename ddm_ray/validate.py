@@ -155,6 +155,11 @@ def validate_run(
     log = log or _log.info
     run = open_run(out, storage_options)
     cfg, store, manifest = run_config(run), run.store, run.manifest
+    if cfg.online.method == "exact":
+        raise RunStateError(
+            f"{out}: its rows are exact leave-one-out retraining (--method exact), the ground truth validate "
+            "compares with; there is nothing to validate"
+        )
     ds = load_dataset(cfg.data, storage_options)
     state = store.read_torch(RunStore.MODEL)
     net = Network(cfg.model, ds.input_shape, ds.num_classes)

@@ -377,7 +377,14 @@ def test_report_names_units_shows_member_labels_and_flags_the_sloppy_annotator(a
 
 
 def test_applicable_settings_drop_what_did_not_apply():
-    from ddm_ray.config import DistillConfig, ModelConfig, RunConfig, UnitConfig, applicable_settings
+    from ddm_ray.config import (
+        DistillConfig,
+        ModelConfig,
+        OnlineConfig,
+        RunConfig,
+        UnitConfig,
+        applicable_settings,
+    )
 
     user = applicable_settings(RunConfig(model=ModelConfig(arch="mymodels:build"),
                                          units=UnitConfig(from_column="source")).to_dict())
@@ -390,5 +397,7 @@ def test_applicable_settings_drop_what_did_not_apply():
     assert kmeans["model"]["hidden"] == [64, 64] or kmeans["model"]["hidden"] == (64, 64)
     influence = applicable_settings(RunConfig(distill=DistillConfig(target="influence")).to_dict())["distill"]
     assert not {"blend_weight", "calibration_units", "unrolled_rank", "target_solver"} & set(influence)
+    exact = applicable_settings(RunConfig(online=OnlineConfig(method="exact")).to_dict())
+    assert "distill" not in exact and exact["online"]["method"] == "exact" and "lr" not in exact["online"]
     literal = applicable_settings(RunConfig(distill=DistillConfig(method="literal")).to_dict())["distill"]
     assert literal["ipc"] == 4 and "probe_rank" not in literal and "target" not in literal

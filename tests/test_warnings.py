@@ -33,11 +33,12 @@ def test_each_warning_and_its_threshold():
     assert run_warnings(_manifest(), _validation(0.9, ceiling=0.85)) == []  # above the ceiling
     (w,) = run_warnings(_manifest(stability=UNSTABLE))
     assert w.startswith("training ran past its stability limit")
-    (w,) = run_warnings(_manifest(units=6, trainings=5.2))  # 6.2 trainings against 6 retrainings
+    (w,) = run_warnings(_manifest(units=6, trainings=6.2))  # 6.2 trainings of distillation against 6 retrainings
     assert "cost more than retraining every unit" in w and "6.2 trainings" in w and "all 6 units" in w
-    assert run_warnings(_manifest(units=7, trainings=5.2)) == []
+    assert "--method exact" in w
+    assert run_warnings(_manifest(units=7, trainings=6.2)) == []
     # a measured speed-up overrides the estimate, either way
-    assert run_warnings(_manifest(units=6, trainings=5.2), _validation(0.9, speedup=1.5)) == []
+    assert run_warnings(_manifest(units=6, trainings=6.2), _validation(0.9, speedup=1.5)) == []
     (w,) = run_warnings(_manifest(), _validation(0.9, speedup=0.2))
     assert "5.0x the time retraining all 100 units takes" in w
     (w,) = run_warnings(_manifest(), _validation(0.49))
@@ -45,6 +46,9 @@ def test_each_warning_and_its_threshold():
     (w,) = run_warnings(_manifest(), _validation(0.8, ceiling=0.9))
     assert "below the noise ceiling (0.90" in w and "Pearson 0.80" in w
     assert len(run_warnings(_manifest(units=6, trainings=9, stability=UNSTABLE), _validation(0.3, 0.9, 0.5))) == 3
+    # a --method exact run is exact retraining: neither cost nor fidelity applies
+    exact = {**_manifest(units=6, trainings=9, stability=UNSTABLE), "method": "exact"}
+    assert [w[:25] for w in run_warnings(exact, _validation(0.3, 0.9, 0.5))] == ["training ran past its sta"]
     # validate's own output has no manifest: its validation.json carries the stability figures
     assert run_warnings({}, {**_validation(0.9), "stability": UNSTABLE})[0].startswith("training ran past")
 
@@ -80,7 +84,7 @@ def test_run_report_and_validate_warn(unstable_run: Path):
     expected = run_warnings(manifest)
     assert expected[0].startswith("training ran past its stability limit")
     # the cost in trainings is measured (timings), so whether it tops 3 retrainings is the run's own figure
-    dearer = manifest["distillation"]["distill_trainings"] + 1 >= 3
+    dearer = manifest["distillation"]["distill_trainings"] >= 3
     assert len(expected) == 1 + dearer
     assert not dearer or expected[1].startswith("this run cost more than retraining every unit exactly")
     out = (unstable_run.parent / "run-stdout.txt").read_text()

@@ -9,6 +9,13 @@ from typing import Any
 from ddm_ray.cli.common import _logger, _Parser
 from ddm_ray.cli.options import add_options, dataclass_from_args
 from ddm_ray.cli.run import add_run_arguments, configs_from_args
+from ddm_ray.config import RunConfig
+from ddm_ray.errors import ConfigError
+
+
+def _ddm_only(cfg: RunConfig, what: str) -> None:
+    if cfg.online.method != "ddm":
+        raise ConfigError(f"bench {what} measures DDM against exact retraining; --method {cfg.online.method} does not apply")
 
 
 def cmd_bench_fidelity(a: argparse.Namespace) -> int:
@@ -16,6 +23,7 @@ def cmd_bench_fidelity(a: argparse.Namespace) -> int:
     from ddm_ray.bench.fidelity import run_fidelity
 
     cfg, exe = configs_from_args(a)
+    _ddm_only(cfg, "fidelity")
     bench = dataclass_from_args(BenchConfig, a)
     r = run_fidelity(
         cfg, bench, a.out, engine=exe.engine, num_cpus=exe.num_cpus, storage_options=exe.storage_options,
@@ -31,6 +39,7 @@ def cmd_bench_scaling(a: argparse.Namespace) -> int:
     from ddm_ray.bench.scaling import run_scaling
 
     cfg, exe = configs_from_args(a)
+    _ddm_only(cfg, "scaling")
     bench = dataclass_from_args(ScalingConfig, a, seed=cfg.train.seed)
     os.makedirs(a.out, exist_ok=True)
     run_scaling(cfg, bench, a.out, engine=exe.engine, num_cpus=exe.num_cpus, plots=not a.no_plots, log=_logger(a.quiet))

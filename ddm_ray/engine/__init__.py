@@ -27,7 +27,7 @@ def _progress_factory(enabled: bool) -> Any:
         return None
     from ddm_ray.engine.progress import Progress
 
-    return lambda total, done: Progress(total, done, what="online", unit="rows")
+    return lambda total, done, what="online": Progress(total, done, what=what, unit="rows")
 
 
 def run_with_engine(

@@ -9,7 +9,7 @@ import torch
 
 from ddm_ray.distillation import DistillJob, Shard, distill_shard
 from ddm_ray.engine import faults
-from ddm_ray.online_stage import Block, OnlineJob, online_context, run_block
+from ddm_ray.online_stage import Block, ExactJob, OnlineJob, block_context, run_block
 
 T = TypeVar("T")
 
@@ -25,9 +25,11 @@ class LocalExecutor:
         for shard in shards:
             yield from distill_shard(job, shard)
 
-    def evaluate(self, job: OnlineJob, blocks: list[tuple[Block, torch.Tensor]]) -> Iterator[tuple[Block, int]]:
+    def evaluate(
+        self, job: OnlineJob | ExactJob, blocks: list[tuple[Block, torch.Tensor | None]]
+    ) -> Iterator[tuple[Block, int]]:
         job.device = self.device
-        ctx = online_context(job) if blocks else None  # shared by every block, as on each Ray worker
+        ctx = block_context(job) if blocks else None  # shared by every block, as on each Ray worker
         for block, weight in blocks:
             faults.before_block(block.first, block.last)  # test-only hook, inert in normal runs
             yield block, run_block(job, block, weight, ctx)

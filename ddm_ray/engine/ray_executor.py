@@ -5,7 +5,8 @@ wrapper over the plain `ShardDistiller`; shards cover probe directions, unit ran
 (`pipeline.plan_shards`), so any number of actors is used. The driver pulls finished pieces one by
 one and writes each to the store as soon as it arrives. Online: one task per block of units, the job put into
 the object store once, at most `max_in_flight` tasks pending (`ray.wait`), retried on failure.
-Each task writes its own Parquet part and returns only a row count.
+Each task writes its own Parquet part and returns only a row count. `--method exact` fans out the
+same way: one task per block of exact retrainings (an `ExactJob`).
 
 Warm workers: `warm_up()` (called when the run starts) pre-starts one task worker per online slot,
 importing torch and this package while the driver trains and the actors distil; those tasks take no
@@ -35,7 +36,15 @@ from ddm_ray.distillation import DistillJob, Shard, distill_shard
 from ddm_ray.engine import faults
 from ddm_ray.engine.placement import Placement
 from ddm_ray.engine.progress import configure_worker_logging, logging_level
-from ddm_ray.online_stage import Block, OnlineContext, OnlineJob, online_context, run_block
+from ddm_ray.online_stage import (
+    Block,
+    ExactContext,
+    ExactJob,
+    OnlineContext,
+    OnlineJob,
+    block_context,
+    run_block,
+)
 
 TASK_MAX_RETRIES = 3
 ACTOR_RESTARTS = 2  # a distillation shard whose actor dies is restarted on a new actor this often
@@ -80,22 +89,25 @@ class DistillActor(ShardDistiller):
         return list(ray.get_gpu_ids())
 
 
-# one online job per worker process: (object ref hex, job, its shared state)
-_WORKER_JOB: tuple[str, OnlineJob, OnlineContext] | None = None
+# one online (or exact) job per worker process: (object ref hex, job, its shared state)
+_WORKER_JOB: tuple[str, OnlineJob | ExactJob, OnlineContext | ExactContext] | None = None
 
 
-def _job_context(job_ref: ray.ObjectRef) -> tuple[OnlineJob, OnlineContext]:
+def _job_context(job_ref: ray.ObjectRef) -> tuple[OnlineJob | ExactJob, OnlineContext | ExactContext]:
     global _WORKER_JOB
     key = job_ref.hex()
     if _WORKER_JOB is None or _WORKER_JOB[0] != key:
         _WORKER_JOB = None  # drop the previous job before fetching the next
         job = ray.get(job_ref)
-        _WORKER_JOB = (key, job, online_context(job))
+        _WORKER_JOB = (key, job, block_context(job))
     return _WORKER_JOB[1], _WORKER_JOB[2]
 
 
-def online_block_task(job_box: list[ray.ObjectRef], block: Block, weight: torch.Tensor, threads: int = 1) -> int:
-    """One online block as a Ray task; job.device was set explicitly by the driver.
+def online_block_task(
+    job_box: list[ray.ObjectRef], block: Block, weight: torch.Tensor | None, threads: int = 1
+) -> int:
+    """One online block (or, for an ExactJob, one block of exact retrainings) as a Ray task;
+    job.device was set explicitly by the driver.
 
     job_box: [ref of the OnlineJob], boxed so Ray passes the ref instead of the value and each
     worker deserialises the job (and builds its shared state) once, not once per block."""
@@ -244,7 +256,9 @@ class RayExecutor:
             for a in actors.values():
                 ray.kill(a)
 
-    def evaluate(self, job: OnlineJob, blocks: list[tuple[Block, torch.Tensor]]) -> Iterator[tuple[Block, int]]:
+    def evaluate(
+        self, job: OnlineJob | ExactJob, blocks: list[tuple[Block, torch.Tensor | None]]
+    ) -> Iterator[tuple[Block, int]]:
         p = self.placement
         task = ray.remote(
             num_cpus=p.task_cpus, num_gpus=p.task_gpus, max_retries=TASK_MAX_RETRIES, retry_exceptions=True

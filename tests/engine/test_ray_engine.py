@@ -1,5 +1,5 @@
 """The Ray engine end to end on one shared local runtime (2 CPUs, 2 logical GPUs, no CUDA touched):
-S3 output on moto, GPU pinning and class sharding, retried tasks, kill -9 then --resume.
+S3 output on moto, GPU pinning and class sharding, retried tasks, --method exact, kill -9 then --resume.
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ def test_distill_shards_spread_over_actors_pinned_to_logical_gpus(ray_runtime: P
     gpus = [ids for ids in executor.actor_gpu_ids.values()]
     assert all(len(ids) == 1 for ids in gpus), "each distillation actor holds exactly one GPU"
     assert len({str(ids[0]) for ids in gpus}) == 2, "two actors on two distinct GPUs"
-    # training + k-means, the stability check, the probe subspace and the calibration's exact
-    # retrainings: each ran as a task holding one GPU
-    assert len(executor.call_gpu_ids) == 4 and all(len(ids) == 1 for ids in executor.call_gpu_ids)
+    # training + k-means, the stability check, the cost estimate's timed kernels, the probe subspace
+    # and the calibration's exact retrainings: each ran as a task holding one GPU
+    assert len(executor.call_gpu_ids) == 5 and all(len(ids) == 1 for ids in executor.call_gpu_ids)
     local = tmp_path / "local"
     assert main(["run", *TINY, "--engine", "local", "--target-solver", solver, "--probe-rank", "32",
                  "--out", str(local)]) == 0
@@ -126,6 +126,23 @@ def test_a_task_that_fails_once_is_retried_and_the_run_completes(ray_runtime: Pa
     assert not list(fault_dir.iterdir()), "both injected faults fired"
     assert manifest["status"] == "complete"
     assert len(rows(str(tmp_path / "run"))) == 60
+
+
+def test_exact_method_runs_one_task_per_unit_and_equals_the_local_engine(ray_runtime: Path, tmp_path: Path) -> None:
+    cfg, exe = configs("--method", "exact")
+    manifest = run_with_engine(cfg, exe, str(tmp_path / "ray"))
+    assert manifest["status"] == "complete" and manifest["method"] == "exact"
+    assert manifest["execution"]["executor"] == "ray" and manifest["execution"]["block_units"] == 1
+    assert manifest["counts"]["parts"] == manifest["counts"]["units"] == 20
+    assert manifest["cost_estimate"]["break_even_units"] >= 1
+    assert main(["run", *TINY, "--engine", "local", "--method", "exact", "--out", str(tmp_path / "local")]) == 0
+    got, want = rows(str(tmp_path / "ray")), rows(str(tmp_path / "local"))
+    assert set(got) == set(want) and len(got) == 60
+    worst = max(
+        max(abs(a - b) for a, b in zip(got[k], want[k], strict=True)) / (max(abs(b) for b in want[k]) + 1e-12)
+        for k in want
+    )
+    assert worst <= 1e-4, f"ray and local exact retraining disagree by {worst:.2e} (relative)"
 
 
 @pytest.mark.slow
