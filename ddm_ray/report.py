@@ -400,7 +400,7 @@ def _summary(run: AuditRun, frame: _Frame, samples: _Samples, sample_note: str, 
     return "".join(parts)
 
 
-STAGES = ("load_data", "train_and_units", "stability", "distill", "online")  # pipeline order
+STAGES = ("load_data", "train_and_units", "stability", "cost_estimate", "distill", "online", "exact")  # pipeline order
 
 
 def stage_timings(timings: dict[str, Any]) -> list[tuple[str, float, bool]]:

@@ -367,7 +367,8 @@ def test_report_names_units_shows_member_labels_and_flags_the_sloppy_annotator(a
     assert "from_column=source" in config and "clusters_per_class" not in config and "kmeans_iters" not in config
     assert "conv_channels" not in config and "ipc=" not in config and "hidden=16" in config
     stages = re.findall(r"<tr><td>(?:<span class=\"sub\">)?([a-z_]+)(?:</span>)?</td><td>[\d.]+</td></tr>", page)
-    assert stages[:4] == ["load_data", "train_and_units", "stability", "distill"] and stages[-1] == "total"
+    assert stages[:5] == ["load_data", "train_and_units", "stability", "cost_estimate", "distill"]
+    assert stages[-1] == "total"
     assert stages.index("distill") < stages.index("distill_calibration") < stages.index("online")
     assert '<span class="sub">distill_calibration</span>' in page
     # the fourth histogram is filled (own-label effects of the mixed units)
