@@ -370,7 +370,8 @@ def test_run_prints_next_steps_with_its_path_and_they_work(tmp_path, tiny_parque
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert lines[0].startswith("complete: 6 units") and lines[1] == "next steps:"
-    steps = [line.split("  # ")[0].strip() for line in lines[2:]]
+    steps = [line.split("  # ")[0].strip() for line in lines[2:5]]
+    assert all(line.startswith("warning: ") for line in lines[5:])  # then the run's warnings, if any
     quoted, opt = shlex.quote(out), f"--storage-options-file {shlex.quote(str(opts))}"
     assert steps == [f"ddm-ray validate {quoted} --engine local {opt}", f"ddm-ray inspect {quoted} --worst-tests 5 {opt}",
                      f"ddm-ray report {quoted} {opt}"]
