@@ -28,10 +28,12 @@ METHODS = ("ddm", "exact")
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-        factory: Any = None) -> Any:
+        factory: Any = None, advanced: bool = False) -> Any:
     """A config field with what the CLI and TOML need: help text, flag name (default: the field
-    name with dashes; "" hides it from the CLI) and choices. Flags are generated from these."""
-    meta = {"help": help, "flag": flag, "choices": choices}
+    name with dashes; "" hides it from the CLI) and choices. Flags are generated from these.
+    advanced: an internal or tuning knob, listed by `--help-all` but not by `--help` (it is
+    accepted either way)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "advanced": advanced}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -62,7 +64,8 @@ class DataConfig:
     max_train: int | None = opt(None, "keep the first N training samples")
     max_test: int | None = opt(None, "keep the first N test samples")
     x_column: str = opt("x", "Parquet input column: list of numbers, PNG/JPEG bytes, or {bytes, path} images")
-    y_column: str = opt("y", "Parquet label column: integers or strings (mapped to classes in sorted order)")
+    y_column: str = opt("y", "Parquet label column: integers or strings (class order: a Hugging Face ClassLabel's "
+                        "in the file's metadata, else numeric for numbers, else alphabetical)")
     id_column: str = opt("id", "Parquet integer id column (when absent: the row number)")
 
     def __post_init__(self) -> None:
@@ -99,8 +102,8 @@ class ModelConfig:
     arch: str = opt("mlp", "mlp | convnet | package.module:factory (factory(input_shape, num_classes) -> "
                     "torch.nn.Module, importable from the working directory or PYTHONPATH)", flag="model")
     hidden: tuple[int, ...] = opt((64, 64), "MLP hidden widths, e.g. 64,64")
-    conv_channels: tuple[int, int] = opt((32, 64), "ConvNet channels of its two conv layers")
-    fc_width: int = opt(128, "ConvNet fully connected width")
+    conv_channels: tuple[int, int] = opt((32, 64), "ConvNet channels of its two conv layers", advanced=True)
+    fc_width: int = opt(128, "ConvNet fully connected width", advanced=True)
 
     @property
     def is_user_model(self) -> bool:
@@ -141,8 +144,9 @@ class UnitConfig:
     distinct value of a training column (`from_column`), which may span classes."""
 
     clusters_per_class: int = opt(8, "k-means clusters per class (K)")
-    features: str = opt("input", "k-means space: input | penultimate", flag="unit-features", choices=UNIT_FEATURES)
-    kmeans_iters: int = opt(50, "k-means iterations")
+    features: str = opt("input", "k-means space: input | penultimate", flag="unit-features", choices=UNIT_FEATURES,
+                        advanced=True)
+    kmeans_iters: int = opt(50, "k-means iterations", advanced=True)
     seed: int = opt(0, "", flag="seed")
     from_column: str | None = opt(None, "one unit per distinct value of this training column (e.g. source)",
                                   flag="units-from")
@@ -182,31 +186,35 @@ class DistillConfig:
     is one fused pass per direction and training step); the influence target covers all k.
     """
 
-    method: str = opt("basis", "basis (default) | soft_label | literal", flag="distill-method", choices=DISTILL_METHODS)
-    target: str = opt("blend", "basis target: blend | unrolled | influence", choices=TARGETS)
+    method: str = opt("basis", "basis (default) | soft_label | literal", flag="distill-method", choices=DISTILL_METHODS,
+                      advanced=True)
+    target: str = opt("blend", "basis target: blend | unrolled | influence", choices=TARGETS, advanced=True)
     target_solver: str = opt("auto", "unrolled target: adjoint (cost flat in units) | forward (per unit) | auto",
-                             choices=TARGET_SOLVERS)
-    probe_samples: int = opt(1024, "basis: class-stratified probe samples per pool source (the synsets' shared pool)")
+                             choices=TARGET_SOLVERS, advanced=True)
+    probe_samples: int = opt(1024, "basis: class-stratified probe samples per pool source (the synsets' shared pool)",
+                             advanced=True)
     probe_pool: str = opt("test", "basis: samples whose loss gradients span the subspace and form the pool: "
-                          "test (what a removal's effect is measured on) | train | both", choices=PROBE_POOLS)
-    probe_rank: int = opt(256, "basis: most probe subspace directions k")
+                          "test (what a removal's effect is measured on) | train | both", choices=PROBE_POOLS,
+                          advanced=True)
+    probe_rank: int = opt(256, "basis: most probe subspace directions k", advanced=True)
     unrolled_rank: int | None = opt(None, "basis: the unrolled target (adjoint) runs on this many leading "
                                     "directions, the influence target covers the rest (default: all of them "
                                     "for a model without convolutions, 32 with them: a vmapped convolution "
-                                    "costs about 2 training steps per direction)")
+                                    "costs about 2 training steps per direction)", advanced=True)
     probe_energy: float | None = opt(0.999, "basis: fewer directions when they hold this share of the probe "
-                                     "gradients' energy (default 0.999; none: always probe_rank)")
-    probe_norm: float = opt(0.5, "basis: probe gradients divided by their norm ** this")
-    ridge: float = opt(1e-3, "basis: shrinkage of weak probe directions (x largest)", flag="basis-ridge")
-    influence_damping: float = opt(0.005, "influence: damping relative to the largest curvature")
+                                     "gradients' energy (default 0.999; none: always probe_rank)", advanced=True)
+    probe_norm: float = opt(0.5, "basis: probe gradients divided by their norm ** this", advanced=True)
+    ridge: float = opt(1e-3, "basis: shrinkage of weak probe directions (x largest)", flag="basis-ridge", advanced=True)
+    influence_damping: float = opt(0.005, "influence: damping relative to the largest curvature", advanced=True)
     blend_weight: float | None = opt(None, "blend: weight of the unrolled target (default: the targets' lengths "
-                                     "fitted on exact retrainings)")
-    calibration_units: int = opt(16, "blend calibration: units retrained exactly to fit the targets' lengths")
-    unroll_epochs: int | None = opt(None, "unroll only the last N epochs (default: all)")
-    ipc: int = opt(4, "soft_label/literal: synthetic samples per unit")
-    steps: int = opt(300, "soft_label/literal: matching steps", flag="distill-steps")
-    lr: float = opt(0.05, "soft_label/literal: Adam lr on the synset", flag="distill-lr")
-    max_gap: int = opt(20, "soft_label/literal: trajectory gap s drawn from [1, max_gap)")
+                                     "fitted on exact retrainings)", advanced=True)
+    calibration_units: int = opt(16, "blend calibration: units retrained exactly to fit the targets' lengths",
+                                 advanced=True)
+    unroll_epochs: int | None = opt(None, "unroll only the last N epochs (default: all)", advanced=True)
+    ipc: int = opt(4, "soft_label/literal: synthetic samples per unit", advanced=True)
+    steps: int = opt(300, "soft_label/literal: matching steps", flag="distill-steps", advanced=True)
+    lr: float = opt(0.05, "soft_label/literal: Adam lr on the synset", flag="distill-lr", advanced=True)
+    max_gap: int = opt(20, "soft_label/literal: trajectory gap s drawn from [1, max_gap)", advanced=True)
     seed: int = opt(0, "", flag="seed")
 
     def __post_init__(self) -> None:
@@ -245,11 +253,12 @@ class OnlineConfig:
 
     method: str = opt("ddm", "rows by ddm (distilled synsets, one online step) | exact (retrain without each "
                       "unit; cheaper below the break-even number of units the run logs)", choices=METHODS)
-    steps: int = opt(1, "fine-tuning steps on a synset (basis synsets are solved for 1)", flag="online-steps")
-    lr: float = opt(0.1, "fine-tuning learning rate", flag="online-lr")
+    steps: int = opt(1, "fine-tuning steps on a synset (basis synsets are solved for 1)", flag="online-steps",
+                     advanced=True)
+    lr: float = opt(0.1, "fine-tuning learning rate", flag="online-lr", advanced=True)
     objectives: tuple[str, ...] = opt(OBJECTIVES, "what is measured on every test sample: loss,margin,correct")
     precision: str = opt("fp32", "fp32 | tf32 | bf16 (GPU speed-ups)", flag="online-precision",
-                         choices=("fp32", "tf32", "bf16"))
+                         choices=("fp32", "tf32", "bf16"), advanced=True)
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"method must be one of {METHODS}")
@@ -374,15 +383,16 @@ class ExecConfig:
 
     engine: str = opt("ray", "ray | local (in-process, no Ray)", choices=("ray", "local"))
     device: str = opt("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    online_batch: int | None = opt(None, "units fine-tuned together per pass (default: from free memory)")
+    online_batch: int | None = opt(None, "units fine-tuned together per pass (default: from free memory)",
+                                   advanced=True)
     block_units: int | None = opt(None, "units per online task and per Parquet part (default: 64; "
-                                  "--method exact: 1, one retraining per task)")
-    max_in_flight: int | None = opt(None, "online tasks in flight (default: 2 x workers)")
+                                  "--method exact: 1, one retraining per task)", advanced=True)
+    max_in_flight: int | None = opt(None, "online tasks in flight (default: 2 x workers)", advanced=True)
     num_cpus: int | None = opt(None, "CPUs for a local Ray runtime")
     resume: bool = opt(False, "finish an interrupted run in --out")
     storage_options: dict[str, str] = opt(help="", flag="", factory=dict)
     connect_timeout_s: float = opt(30.0, "seconds to wait for --address / RAY_ADDRESS to answer",
-                                   flag="connect-timeout")
+                                   flag="connect-timeout", advanced=True)
 
     def block_size(self, method: str) -> int:
         """Units per block (task and Parquet part): --block-units, else 64 for DDM's online
@@ -398,6 +408,48 @@ class ExecConfig:
         _check(self.num_cpus is None or 1 <= self.num_cpus <= MAX_CPUS, f"num cpus must be in [1, {MAX_CPUS}]")
         _check(math.isfinite(self.connect_timeout_s) and 0 < self.connect_timeout_s <= 86_400,
                "connect timeout must be in (0, 86400] seconds")
+
+
+_BASIS_ONLY = ("target", "target_solver", "probe_samples", "probe_pool", "probe_rank", "unrolled_rank", "probe_energy",
+               "probe_norm", "ridge", "influence_damping", "blend_weight", "calibration_units", "unroll_epochs")
+_MATCHING_ONLY = ("ipc", "steps", "lr", "max_gap")
+
+
+def applicable_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A `RunConfig.to_dict()` without the settings that did not apply to the run (for people to
+    read; the hash covers everything): the built-in models' widths for other models, k-means
+    options for `--units-from` units (and the column for k-means ones), the other distillation
+    method's options, blend and unrolled options of a target without them, Parquet columns of a
+    built-in dataset, the distillation and online-step settings of `--method exact`; and None
+    values."""
+    out = {k: dict(v) for k, v in config.items() if isinstance(v, dict)}
+    drop: dict[str, set[str]] = {k: set() for k in out}
+    model, units, distill, data = (out.get(k, {}) for k in ("model", "units", "distill", "data"))
+    arch = model.get("arch")
+    if arch != "mlp":
+        drop.setdefault("model", set()).add("hidden")
+    if arch != "convnet":
+        drop.setdefault("model", set()).update(("conv_channels", "fc_width"))
+    if units.get("from_column"):
+        drop.setdefault("units", set()).update(("clusters_per_class", "features", "kmeans_iters", "min_size"))
+    method, target = distill.get("method"), distill.get("target")
+    if method == "basis":
+        drop.setdefault("distill", set()).update(_MATCHING_ONLY)
+        if target != "blend":
+            drop["distill"].update(("blend_weight", "calibration_units"))
+        if target == "influence":
+            drop["distill"].update(("unrolled_rank", "target_solver", "unroll_epochs"))
+        if distill.get("blend_weight") is not None:
+            drop["distill"].add("calibration_units")
+    elif method is not None:
+        drop.setdefault("distill", set()).update(_BASIS_ONLY)
+    if data.get("dataset") != "parquet":
+        drop.setdefault("data", set()).update(("x_column", "y_column", "id_column"))
+    if out.get("online", {}).get("method") == "exact":  # exact retraining: no synsets, no online step
+        out.pop("distill", None)
+        drop.setdefault("online", set()).update(("steps", "lr", "precision"))
+    return {section: {k: v for k, v in values.items() if v is not None and k not in drop.get(section, set())}
+            for section, values in out.items()}
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

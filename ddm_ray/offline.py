@@ -110,16 +110,26 @@ def _unit_names(units: Units, ds: Dataset) -> list[str]:
 
 
 def units_table(off: Offline) -> pa.Table:
-    """units.parquet: one row per unit with its label, members (training ids) and size."""
+    """units.parquet: one row per unit with its label, members (training ids), each member's
+    label, the trained model's prediction on it (coded as `label`) and its loss, and size."""
     ids, ds, units = off.dataset.train_ids, off.dataset, off.units
-    members = [ids[units.members(u)].tolist() for u in range(units.num_units)]
+    rows = [units.members(u) for u in range(units.num_units)]
+    members = [ids[r].tolist() for r in rows]
     labels = [int(c) for c in units.label]
+    pred, loss = test_predictions(off.net, off.traj.final, ds.x_train, ds.y_train)
+    coded = torch.tensor(ds.classes, dtype=torch.int64)
+    member_labels = [coded[ds.y_train[r]].tolist() for r in rows]
+    member_predicted = [coded[pred[r]].tolist() for r in rows]
+    member_loss = [loss[r].tolist() for r in rows]
     return pa.table(
         {
             "unit_id": pa.array(range(units.num_units), pa.int64()),
             "label": pa.array([ds.classes[c] if c >= 0 else None for c in labels], pa.int64()),
             "label_name": pa.array([ds.name_of(c) if c >= 0 else "mixed" for c in labels], pa.string()),
             "sample_ids": pa.array(members, pa.list_(pa.int64())),
+            "member_labels": pa.array(member_labels, pa.list_(pa.int64())),
+            "member_predicted": pa.array(member_predicted, pa.list_(pa.int64())),
+            "member_loss": pa.array(member_loss, pa.list_(pa.float32())),
             "name": pa.array(_unit_names(units, ds), pa.string()),
             "level": pa.array([units.level] * units.num_units, pa.string()),
             "size": pa.array([len(m) for m in members], pa.int64()),

@@ -319,6 +319,7 @@ class Run:
             "input_shape": list(dataset.input_shape),
             "labels": list(dataset.classes),
             "label_names": [dataset.name_of(c) for c in range(dataset.num_classes)],
+            "label_order": dataset.label_order,  # a key of data.parquet.LABEL_ORDERS
         }
         if resume and previous is not None and previous.get("data_fingerprint") not in (None, self.fingerprint):
             raise RunStateError(

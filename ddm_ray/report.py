@@ -265,6 +265,9 @@ th{background:#f3f3f3}.grid{display:flex;flex-wrap:wrap;gap:8px 28px}.grid>div{m
 .member{width:48px;height:48px;image-rendering:pixelated;margin:1px;border:1px solid #bbb;object-fit:contain}
 .bars .member,.bars .testimg{width:96px;height:48px}.chart{max-width:100%}
 .pos{color:#2a8a2a}.neg{color:#c33}
+.sub{padding-left:16px;color:#555}.mem{display:inline-block;text-align:center;vertical-align:top;margin:1px}.cap{display:block;font-size:10px;line-height:1.1}
+.warning{border:2px solid #d9822b;background:#fff4e5;border-radius:6px;padding:6px 12px;margin:10px 0}
+.warning ul{margin:4px 0;padding-left:20px}
 """
 
 _SCRIPT = """
@@ -297,6 +300,29 @@ class _Frame:
     pred_name: list[str]
     test_loss: np.ndarray
     test_correct: np.ndarray
+    unit_title: list[str] = field(default_factory=list)  # units.parquet `name` (the unit's own name)
+    member_labels: list[list[int]] | None = None  # each member's label (coded as unit_label); None: not recorded
+    member_predicted: list[list[int]] | None = None  # the trained model's prediction on each member
+    member_loss: list[list[float]] | None = None  # the trained model's loss on each member
+    class_names: dict[int, str] = field(default_factory=dict)  # label -> its name in the data
+
+    def title(self, row: int) -> str:
+        """The unit's name (its id as text for runs from before units had names)."""
+        return self.unit_title[row] if self.unit_title else str(int(self.unit_ids[row]))
+
+    def members_to_draw(self, row: int, k: int = MEMBERS_SHOWN) -> list[int]:
+        """Positions (within the unit) of the k members to draw: those the trained model fits worst
+        (highest loss) first, a likely sign of a wrong label; the first k when no losses exist."""
+        n = len(self.unit_members[row])
+        if self.member_loss is None:
+            return list(range(min(k, n)))
+        return np.argsort(-np.asarray(self.member_loss[row], dtype=np.float64), kind="stable")[:k].tolist()
+
+    def disagreeing(self, row: int) -> int | None:
+        """Members whose label differs from the trained model's prediction (None: not recorded)."""
+        if self.member_labels is None or self.member_predicted is None:
+            return None
+        return int((np.asarray(self.member_labels[row]) != np.asarray(self.member_predicted[row])).sum())
 
 
 def _frame(run: AuditRun, objective: str) -> _Frame:
@@ -332,6 +358,11 @@ def _frame(run: AuditRun, objective: str) -> _Frame:
         pred_name=[str(v) for v in col("predicted_name")],
         test_loss=np.asarray(col("loss"), dtype=np.float64),
         test_correct=np.asarray(col("correct"), dtype=bool),
+        unit_title=[str(units["name"][i]) for i in idx] if "name" in units else [],
+        member_labels=[list(units["member_labels"][i]) for i in idx] if "member_labels" in units else None,
+        member_predicted=[list(units["member_predicted"][i]) for i in idx] if "member_predicted" in units else None,
+        member_loss=[list(units["member_loss"][i]) for i in idx] if "member_loss" in units else None,
+        class_names=run.class_names(),
     )
 
 
@@ -353,19 +384,44 @@ def _delta_text(frame: _Frame, value: float) -> str:
     return f'<span class="{cls}">&Delta; {value:+.4g}</span>'
 
 
+def _member_caption(frame: _Frame, row: int, j: int) -> tuple[str, str]:
+    """(caption HTML, title text) of member j of unit `row`: its label, and the trained model's
+    prediction when it differs (a likely wrong label)."""
+    sid = int(frame.unit_members[row][j])
+    if frame.member_labels is None:
+        return "", f"train sample {sid}"
+    lab = int(frame.member_labels[row][j])
+    name = frame.class_names.get(lab, str(lab))
+    title = f"train sample {sid}: label {name}"
+    caption = _e(name)
+    if frame.member_predicted is not None:
+        pred = int(frame.member_predicted[row][j])
+        pname = frame.class_names.get(pred, str(pred))
+        title += f", the model predicts {pname}"
+        if pred != lab:
+            caption = f'<span class="neg">{_e(name)}&rarr;{_e(pname)}</span>'
+    if frame.member_loss is not None:
+        title += f", loss {float(frame.member_loss[row][j]):.3g}"
+    return caption, title
+
+
 def _unit_card(frame: _Frame, row: int, samples: _Samples, kind: str, stat: str) -> str:
-    members = frame.unit_members[row][:MEMBERS_SHOWN]
     imgs = []
-    for sid in members:
-        rel = samples.train(int(sid))
-        if rel is not None:
-            imgs.append(f'<img class="member" src="{_e(rel)}" alt="train sample {int(sid)}" '
-                        f'title="train sample {int(sid)}" data-sample-id="{int(sid)}">')
+    for j in frame.members_to_draw(row):
+        sid = int(frame.unit_members[row][j])
+        caption, title = _member_caption(frame, row, j)
+        rel = samples.train(sid)
+        img = (f'<img class="member" src="{_e(rel)}" alt="train sample {sid}" title="{_e(title)}" '
+               f'data-sample-id="{sid}">') if rel is not None else ""
+        if img or caption:
+            imgs.append(f'<span class="mem" title="{_e(title)}">{img}<span class="cap">{caption}</span></span>')
     uid = int(frame.unit_ids[row])
+    off = frame.disagreeing(row)
+    disagree = f" &middot; {off} labelled otherwise than the model predicts" if off else ""
     return (
         f'<div class="unit {_e(kind)}" data-unit-id="{uid}">'
-        f"<div><b>unit {uid}</b> &middot; label {_e(frame.unit_name[row])} &middot; "
-        f"{int(frame.unit_size[row])} members &middot; {stat}</div>"
+        f"<div><b>unit {uid} {_e(frame.title(row))}</b> &middot; label {_e(frame.unit_name[row])} &middot; "
+        f"{int(frame.unit_size[row])} members{disagree} &middot; {stat}</div>"
         f"<div>{''.join(imgs)}</div></div>"
     )
 
@@ -386,18 +442,20 @@ def _summary(run: AuditRun, frame: _Frame, samples: _Samples, sample_note: str, 
         ("training samples", _e(counts.get("train_samples", "?"))),
         ("test samples", _e(len(frame.test_ids))),
         ("classes", _e(f"{counts.get('classes', len(classes))}: {class_names}")),
+        *_label_order_row(m.get("data", {}).get("label_order")),
         ("input shape", _e("x".join(map(str, shape)) if shape else "as stored (flat unless an image format)")),
         ("units", _e(f"{len(frame.unit_ids)} ({', '.join(sorted(set(frame.unit_level)))})")),
         ("model", _e(f"{cfg.get('model', {}).get('arch', '?')}, {counts.get('parameters', '?')} parameters")),
         ("test accuracy", _e(f"{acc:.2%} ({n_wrong} of {len(frame.test_ids)} misclassified)")),
     ]
-    timings = m.get("timings_seconds", {})
-    timing_rows = [(_e(k), _e(f"{float(v):.2f}")) for k, v in timings.items() if isinstance(v, int | float)]
+    timing_rows = [(f'<span class="sub">{_e(k)}</span>' if sub else _e(k), _e(f"{v:.2f}"))
+                   for k, v, sub in stage_timings(m.get("timings_seconds", {}))]
+    from ddm_ray.config import applicable_settings
+
     config_rows = []
-    for section, values in cfg.items():
-        if isinstance(values, dict):
-            items = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items() if v is not None)
-            config_rows.append((_e(section), _e(items)))
+    for section, values in applicable_settings(cfg).items():
+        items = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        config_rows.append((_e(section), _e(items)))
     parts = [
         '<section id="summary"><h2>Summary</h2><div class="grid">',
         f"<div><h3>Data and model</h3>{_table(('', ''), data_rows)}</div>",
@@ -410,6 +468,48 @@ def _summary(run: AuditRun, frame: _Frame, samples: _Samples, sample_note: str, 
         f'<p class="note" id="sample-note">{_e(sample_note)}</p></section>',
     ]
     return "".join(parts)
+
+
+STAGES = ("load_data", "train_and_units", "stability", "cost_estimate", "distill", "online", "exact")  # pipeline order
+
+
+def stage_timings(timings: dict[str, Any]) -> list[tuple[str, float, bool]]:
+    """(stage, seconds, is a sub-stage) in pipeline order: each stage, then its sub-stages (keys
+    "<stage>_<part>", e.g. distill_subspace, part of distill), then stages not known here, then
+    the total."""
+    known = {k: float(v) for k, v in timings.items() if isinstance(v, int | float)}
+    rows: list[tuple[str, float, bool]] = []
+    seen = set()
+    for stage in STAGES:
+        if stage in known:
+            rows.append((stage, known[stage], False))
+            seen.add(stage)
+        for k in sorted(known):
+            if k.startswith(stage + "_") and k not in STAGES:
+                rows.append((k, known[k], True))
+                seen.add(k)
+    rows += [(k, known[k], False) for k in sorted(known) if k not in seen and k != "total"]
+    if "total" in known:
+        rows.append(("total", known["total"], False))
+    return rows
+
+
+def _warnings(warnings: list[str]) -> str:
+    """The warning box at the top of the page (nothing when there is nothing to warn about)."""
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
+    return f'<div class="warning" id="warnings"><strong>Warning{"s" if len(warnings) > 1 else ""}:</strong><ul>{items}</ul></div>'
+
+
+def _label_order_row(order: str | None) -> list[tuple[str, str]]:
+    """The "class order" row of the summary: which rule put the classes in order (none for runs
+    from before it was recorded)."""
+    if order is None:
+        return []
+    from ddm_ray.data.parquet import LABEL_ORDERS
+
+    return [("class order", _e(LABEL_ORDERS.get(order, order)))]
 
 
 def _stability(st: dict[str, Any] | None) -> str:
@@ -453,13 +553,44 @@ def _fidelity(v: dict[str, Any] | None) -> str:
     return head + _table(("objective", "method", "pearson", "spearman", "per-test P", "per-test S"), rows)
 
 
+def cards_per_side(n_units: int, top: int) -> int:
+    """Units per side of a test card: `top`, or with few units (at most 2 x top, where every card
+    would list every unit again) a quarter of them, at least 1: the units x tests table says the rest."""
+    return top if n_units > 2 * top else max(1, min(top, n_units // 4))
+
+
+def _units_by_tests(frame: _Frame, positions: list[int]) -> str:
+    """The units x shown test samples table: every unit's effect on each, harm in red."""
+    head = ["unit", "label", "members", "hurts (of shown)"] + [
+        f"test {int(frame.test_ids[p])} ({frame.test_name[p]}{'' if frame.test_correct[p] else ' ✗'})" for p in positions]
+    rows = []
+    order = np.argsort((frame.helped[:, positions] < 0).sum(axis=1) * -1, kind="stable") if positions else []
+    for i in order:
+        cells = []
+        for p in positions:
+            v = float(frame.helped[i, p])
+            cells.append(f'<span class="{"pos" if v > 0 else "neg"}">{v:+.3g}</span>')
+        hurt = int((frame.helped[i, positions] < 0).sum())
+        rows.append([_e(f"{int(frame.unit_ids[i])} {frame.title(i)}"), _e(frame.unit_name[i]),
+                     f"{int(frame.unit_size[i])}", f"{hurt}", *cells])
+    return (f'<h3 id="units-by-tests">Every unit on the test samples shown</h3><p class="note">Effect of each unit '
+            f"(sign-normalised &Delta;, objective {_e(frame.objective)}; &gt; 0 helped, &lt; 0 hurt); units that "
+            "hurt the most of these test samples first. The cards below show each sample's strongest units only.</p>"
+            + _table(head, rows, "bytests"))
+
+
 def _tests_section(frame: _Frame, positions: list[int], samples: _Samples, top: int, chosen: bool) -> str:
     how = ("the test ids asked for" if chosen else
            "misclassified samples first (highest loss first), then the correct ones with the highest loss")
+    n_units = len(frame.unit_ids)
+    per_side = cards_per_side(n_units, top)
     out = [f'<section id="tests"><h2>Test samples</h2><p class="note">Showing {len(positions)}: {_e(how)}. '
-           f"Per sample: the {top} units whose removal would hurt this prediction most (helpful) and "
+           f"Per sample: the {per_side} units whose removal would hurt this prediction most (helpful) and "
            f"help it most (harmful), by objective {_e(frame.objective)}; &Delta; = f(model without the unit) "
-           "&minus; f(model). Member samples are the unit's first training samples.</p>"]
+           "&minus; f(model). Member samples drawn: those the trained model fits worst first.</p>"]
+    if per_side < top:
+        out.append(_units_by_tests(frame, positions))
+    top = per_side
     for p in positions:
         tid = int(frame.test_ids[p])
         wrong = not bool(frame.test_correct[p])
@@ -487,16 +618,32 @@ def unit_statistics(frame: _Frame, top: int) -> dict[str, np.ndarray]:
     """Per unit (U,): "hurt", the test samples for which it is among the `top` most harmful units
     (helped < 0); "harm", its total harm (sum of -helped where < 0); "mean", its mean effect over
     all tests; "own"/"other", its mean effect on test samples of its own label / of the others
-    (NaN if none, or the unit spans labels). Counting top-k places, not every slightly negative
-    entry, keeps the many near-zero effects of unrelated classes out of the ranking."""
+    (NaN if none). For a unit spanning labels (`--units-from`), "own" is over its members'
+    labels: the mean effect on the test samples of each label its members carry, weighted by
+    how many members carry it, and "other" over the labels none of them carries ("mixed_own" is
+    True there; NaN when member labels were not recorded). Counting top-k places, not every
+    slightly negative entry, keeps the many near-zero effects of unrelated classes out of the
+    ranking."""
     h = frame.helped
     n_units = len(frame.unit_ids)
     own = np.full(n_units, np.nan)
     other = np.full(n_units, np.nan)
+    mixed_own = np.zeros(n_units, dtype=bool)
     for i, lab in enumerate(frame.unit_label):
-        mask = frame.test_label == lab
-        if lab >= 0 and mask.any():
-            own[i] = float(h[i, mask].mean())
+        if lab == MIXED:
+            if frame.member_labels is None:
+                continue
+            labs, counts = np.unique(np.asarray(frame.member_labels[i], dtype=np.int64), return_counts=True)
+            means = [(float(h[i, frame.test_label == c].mean()), n) for c, n in zip(labs, counts, strict=True)
+                     if (frame.test_label == c).any()]
+            if means:
+                own[i] = sum(m * n for m, n in means) / sum(n for _, n in means)
+                mixed_own[i] = True
+            mask = np.isin(frame.test_label, labs)
+        else:
+            mask = frame.test_label == lab
+            if mask.any():
+                own[i] = float(h[i, mask].mean())
         if (~mask).any():
             other[i] = float(h[i, ~mask].mean())
     hurt = np.zeros(n_units, dtype=np.int64)
@@ -511,6 +658,7 @@ def unit_statistics(frame: _Frame, top: int) -> dict[str, np.ndarray]:
         "mean": h.mean(axis=1) if h.shape[1] else np.zeros(n_units),
         "own": own,
         "other": other,
+        "mixed_own": mixed_own,
     }
 
 
@@ -520,54 +668,92 @@ def _units_section(frame: _Frame, stats: dict[str, np.ndarray], samples: _Sample
     own = stats["own"]
     suspects = [int(i) for i in np.argsort(np.where(np.isnan(own), np.inf, own), kind="stable") if own[i] < 0]
     suspects = suspects[:UNITS_LISTED]
+    off = [frame.disagreeing(i) for i in range(len(frame.unit_ids))]
+    share = np.array([(o or 0) / max(int(frame.unit_size[i]), 1) for i, o in enumerate(off)])
+    typical = float(np.median(share)) if share.size else 0.0  # outliers: at least twice the median share
+    disagree_order = [int(i) for i in np.argsort(-share, kind="stable")
+                      if share[i] > 0 and share[i] >= 2 * typical][:UNITS_LISTED]
 
     def row(i: int, kind: str, stat: str) -> list[str]:
+        mixed = " (over its members' labels)" if stats["mixed_own"][i] else ""
         return [
-            f"{int(frame.unit_ids[i])}", _e(frame.unit_name[i]), f"{int(frame.unit_size[i])}",
+            f"{int(frame.unit_ids[i])}", _e(frame.title(i)), _e(frame.unit_name[i]), f"{int(frame.unit_size[i])}",
+            "&ndash;" if off[i] is None else f"{off[i]}",
             f"{int(stats['hurt'][i])}", f"{stats['harm'][i]:.4g}",
-            f"{own[i]:+.4g}" if not np.isnan(own[i]) else "&ndash;",
+            f"{own[i]:+.4g}{mixed}" if not np.isnan(own[i]) else "&ndash;",
             f"{stats['other'][i]:+.4g}" if not np.isnan(stats["other"][i]) else "&ndash;",
             _unit_card(frame, i, samples, kind, stat),
         ]
 
-    header = ("unit", "label", "members", f"top-{top} harmful for", "total harm", "own-label mean effect",
-              "other-label mean effect", "members drawn")
+    header = ("unit", "name", "label", "members", "labelled otherwise than predicted", f"top-{top} harmful for",
+              "total harm", "own-label mean effect", "other-label mean effect", "members drawn")
     hurt_rows = [row(i, "harmful", f"top-{top} harmful for {int(stats['hurt'][i])} tests") for i in hurt_order]
     sus_rows = [row(i, "harmful", f"own-label effect {own[i]:+.3g}") for i in suspects]
+    dis_rows = [row(i, "harmful", f"{share[i]:.0%} of its members") for i in disagree_order]
     effect = ("raises the loss" if frame.objective == "loss" else f"lowers the {frame.objective}")
+    n_mixed = int((frame.unit_label == MIXED).sum())
+    not_computed = int(np.isnan(own).sum())
+    if sus_rows:
+        suspects_html = _table(header, sus_rows)
+    elif not_computed:
+        suspects_html = (f"<p><i>none among the units where it is computed; not computed for {not_computed} "
+                         f"unit(s) ({'spanning labels without recorded member labels' if n_mixed else 'no test sample of their label'})"
+                         "</i></p>")
+    else:
+        suspects_html = "<p><i>none: every unit helps the test samples of its own label(s) on average</i></p>"
+    if frame.member_labels is None or frame.member_predicted is None:
+        dis_html = "<p><i>not computed: this run did not record its members' labels and predictions</i></p>"
+    elif dis_rows:
+        dis_html = _table(header, dis_rows)
+    else:
+        dis_html = ("<p><i>none: the trained model predicts every training sample's own label</i></p>" if not share.any()
+                    else "<p><i>none stands out: no unit has twice the median share of such members</i></p>")
+    mixed_note = (f" For the {n_mixed} unit(s) spanning labels the own-label effect is over their members' labels "
+                  "(each label's test samples, weighted by how many members carry it)." if n_mixed else "")
     return (
         '<section id="units"><h2>Units</h2>'
         f'<p class="note">Effect = how much removing the unit would worsen a prediction (sign-normalised '
         f"&Delta;, objective {_e(frame.objective)}): &gt; 0 the unit helped, &lt; 0 it hurt. A unit hurts a "
         f"test sample when removing it would improve that prediction; <i>top-{top} harmful for</i> counts the "
         f"test samples (of {n}) for which it is among the {top} most harmful units; total harm sums its "
-        "negative effects over all test samples.</p>"
+        "negative effects over all test samples. Members drawn: those the trained model fits worst (highest "
+        "loss) first, each with its label (in red, label&rarr;prediction where the model predicts another).</p>"
         f'<h3 id="units-hurting">Units that hurt the most test samples</h3>{_table(header, hurt_rows)}'
         '<h3 id="label-problems">Likely label problems</h3>'
         '<p class="note">Units whose removal would improve the predictions on test samples of their own label, '
         f"on average (removing them {_e('lowers' if frame.objective == 'loss' else 'raises')} the "
         f"{_e(frame.objective)} there): their members may be mislabelled or atypical of the class. "
-        f"Normally a unit's removal {_e(effect)} on its own class.</p>"
-        + (_table(header, sus_rows) if sus_rows else '<p><i>none: every unit helps its own label on average</i></p>')
+        f"Normally a unit's removal {_e(effect)} on its own class.{_e(mixed_note)}</p>"
+        + suspects_html
+        + '<h4 id="label-disagreement">Members the trained model labels otherwise</h4>'
+        '<p class="note">Per member: its label against the trained model\'s prediction on it. Listed: units '
+        f"where the share of such members is at least twice the median unit's ({typical:.0%}), largest first. "
+        "A model that fits its training data fully disagrees with none, so an empty list says little; a high "
+        "share points at wrong labels.</p>"
+        + dis_html
         + "</section>"
     )
 
 
-def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int) -> bytes:
-    """One PNG of four histograms of per-unit effects."""
+def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int) -> tuple[bytes, int, int]:
+    """One PNG of histograms of per-unit effects (four; three when no unit has an own-label
+    effect): its bytes and (width, height) in pixels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 6.4), dpi=80)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2)
     h = frame.helped
+    own = stats["own"][~np.isnan(stats["own"])]
     panels = [
         (stats["mean"], "mean effect of each unit over all test samples", "units", False),
         (h.reshape(-1), "effect of each unit on each test sample", "unit x test pairs (log)", True),
         (stats["hurt"].astype(float), f"test samples for which each unit is top-{top} harmful", "units", False),
-        (stats["own"][~np.isnan(stats["own"])], "mean effect on test samples of the unit's own label", "units", False),
     ]
+    if own.size:
+        panels.append((own, "mean effect on test samples of the unit's own label(s)", "units", False))
+    dpi = 80
+    fig = Figure(figsize=(11, 6.4) if len(panels) == 4 else (11, 3.4), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2) if len(panels) == 4 else fig.subplots(1, 3)
     for ax, (values, title, ylabel, log) in zip(axes.reshape(-1), panels, strict=True):
         values = values[np.isfinite(values)]
         if values.size:
@@ -581,7 +767,8 @@ def _charts(frame: _Frame, stats: dict[str, np.ndarray], top: int) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return buf.getvalue()
+    width, height = fig.get_size_inches() * dpi
+    return buf.getvalue(), int(round(width)), int(round(height))
 
 
 def _validation(run: AuditRun) -> dict[str, Any] | None:
@@ -626,8 +813,11 @@ def write_report(
     train: str | None = None,
     test: str | None = None,
     data_root: str | None = None,
+    warnings_out: list[str] | None = None,
 ) -> str:
     """Write <run>/report/index.html (or <report_out>/index.html) and its PNGs; returns its path.
+    The page opens with the run's warnings (`ddm_ray.advice.run_warnings`), which are also
+    appended to `warnings_out` when given.
 
     Raises RunStateError when run_url holds no complete run, InputError for an unknown objective
     or test id, ConfigError for top/max_tests below 1. Data that cannot be loaded (e.g. a redacted
@@ -645,10 +835,15 @@ def write_report(
     frame = _frame(run, objective)
     positions = choose_tests(frame, test_ids, max_tests)
     validation = _validation(run)
+    from ddm_ray.advice import run_warnings
+
+    warnings = run_warnings(run.manifest, validation)
+    if warnings_out is not None:
+        warnings_out.extend(warnings)
     folder = _report_folder(run, report_out)
     try:
         return _write(run, folder, frame, positions, validation, objective, top, test_ids, opts,
-                      {"train": train, "test": test, "root": data_root}, log, t0)
+                      {"train": train, "test": test, "root": data_root}, log, t0, warnings)
     except OSError as e:
         raise InputError(f"cannot write the report to {folder.path}: {brief(e)}") from None
     finally:
@@ -658,7 +853,7 @@ def write_report(
 def _write(
     run: AuditRun, folder: _OutDir, frame: _Frame, positions: list[int], validation: dict[str, Any] | None,
     objective: str, top: int, test_ids: Sequence[int] | None, opts: dict[str, str], data: dict[str, str | None],
-    log: Callable[[str], None], t0: float,
+    log: Callable[[str], None], t0: float, warnings: list[str],
 ) -> str:
     pictures = folder.sub("samples")
     try:
@@ -668,8 +863,10 @@ def _write(
         samples, sample_note = _load_samples(run, pictures, opts, data)
         log(sample_note)
         stats = unit_statistics(frame, top)
-        folder.write("effects.png", _charts(frame, stats, top))
-        page = _page(run, frame, positions, samples, sample_note, validation, objective, top, test_ids, stats)
+        png, chart_w, chart_h = _charts(frame, stats, top)
+        folder.write("effects.png", png)
+        page = _page(run, frame, positions, samples, sample_note, validation, objective, top, test_ids, stats,
+                     warnings, chart_w, chart_h)
     finally:
         pictures.close()
     folder.write("index.html", page.encode("utf-8"))
@@ -682,7 +879,7 @@ def _write(
 def _page(
     run: AuditRun, frame: _Frame, positions: list[int], samples: _Samples, sample_note: str,
     validation: dict[str, Any] | None, objective: str, top: int, test_ids: Sequence[int] | None,
-    stats: dict[str, np.ndarray],
+    stats: dict[str, np.ndarray], warnings: list[str], chart_w: int, chart_h: int,
 ) -> str:
     bars = " bars" if samples.available and samples.layout is None else ""
     title = f"ddm-ray report: {run.store.url}"
@@ -695,11 +892,13 @@ def _page(
         "for margin and correct &Delta; &lt; 0 means it helped.</p>"
         '<nav><a href="#summary">Summary</a><a href="#tests">Test samples</a><a href="#units">Units</a>'
         '<a href="#distributions">Distributions</a></nav>'
+        + _warnings(warnings)
         + _summary(run, frame, samples, sample_note, validation)
         + _tests_section(frame, positions, samples, top, bool(test_ids))
         + _units_section(frame, stats, samples, top)
         + '<section id="distributions"><h2>Distributions</h2>'
-        '<img class="chart" src="effects.png" alt="histograms of per-unit effects" width="880" height="512"></section>'
+        f'<img class="chart" src="effects.png" alt="histograms of per-unit effects" width="{chart_w}" '
+        f'height="{chart_h}"></section>'
         + "</body></html>\n"
     )
     return page

@@ -272,9 +272,6 @@ def print_validation(r: dict[str, Any]) -> None:
             f"noise ceiling (exact leave-one-out against itself under {len(nc['seeds'])} other seed(s)), Δ loss: "
             f"pearson {nc['pearson']:.3f}, spearman {nc['spearman']:.3f}"
         )
-    st = r.get("stability")
-    if st and st.get("unstable"):
-        print(f"warning: {st.get('warning', 'training ran past its stability limit')}")
     print(
         f"seconds per unit: ddm online {r['ddm_seconds_per_unit']:.5f}, "
         f"ddm offline (amortised) {r['ddm_offline_seconds_per_unit']:.4f}, "
@@ -284,3 +281,7 @@ def print_validation(r: dict[str, Any]) -> None:
         f"whole run (offline {r['ddm_offline_seconds']:.1f}s + online {r['ddm_online_seconds']:.1f}s) vs "
         f"retraining all {r['units_total']} units: end-to-end speed-up {r['end_to_end_speedup']:.2g}x"
     )
+    from ddm_ray.advice import run_warnings
+
+    for w in run_warnings({}, r):  # validation.json carries the stability figures too
+        print(f"warning: {w}")

@@ -147,3 +147,99 @@ def test_readme_queries_match_the_matrix(digits_run):
     rows = con.sql("SELECT unit_id, test_id, objective, delta FROM deltas").fetchall()
     assert sorted(rows) == sorted(zip(long["unit_id"], long["test_id"], long["objective"], long["delta"], strict=True))
     assert isinstance(duckdb.__version__, str)
+
+
+def _expected_summary(run) -> dict:
+    units = run.units().to_pydict()
+    out = {}
+    for objective in run.objectives:
+        unit_ids, _, delta = run.matrix(objective)
+        assert unit_ids.tolist() == sorted(units["unit_id"])
+        score = ddm_ray.api.helped_score(objective, delta)
+        out[objective] = (delta.mean(axis=1), (score > 0).mean(axis=1), (score < 0).mean(axis=1))
+    return out
+
+
+def test_unit_summary_with_pandas(digits_run):
+    pd = pytest.importorskip("pandas")
+    run = ddm_ray.open_run(digits_run)
+    df = run.unit_summary()
+    assert isinstance(df, pd.DataFrame) and len(df) == run.units().num_rows == 20
+    units = run.units().to_pydict()
+    assert df["unit_id"].tolist() == list(range(20)) and df["name"].tolist() == units["name"]
+    assert df["size"].tolist() == units["size"] and df["label_name"].tolist() == units["label_name"]
+    for objective, (mean, helped, hurt) in _expected_summary(run).items():
+        np.testing.assert_allclose(df[f"mean_delta_{objective}"], mean, rtol=1e-5)
+        np.testing.assert_allclose(df[f"helped_share_{objective}"], helped)
+        np.testing.assert_allclose(df[f"hurt_share_{objective}"], hurt)
+    for i, (ids, labels, pred, loss) in enumerate(zip(units["sample_ids"], units["member_labels"],
+                                                       units["member_predicted"], units["member_loss"], strict=True)):
+        assert df["disagreeing"][i] == sum(a != b for a, b in zip(labels, pred, strict=True))
+        by_loss = sorted(range(len(ids)), key=lambda j: (-loss[j], j))
+        assert list(df["top_member_ids"][i]) == [ids[j] for j in by_loss[:5]]
+    worst = df.sort_values("mean_delta_loss").iloc[0]  # loss: the most negative mean hurt most
+    assert worst["name"] == run.members(int(worst["unit_id"]))["name"]
+    # top_units: the same pairs as before, now with the unit's name
+    test_id = int(run.test_index().column("test_id")[0].as_py())
+    top = run.top_units(test_id, k=3)
+    (u, d), first = top["helpful"][0], top["helpful"][0]
+    assert first.unit_id == u and first.delta == d and first.name == units["name"][u] and first == (u, d)
+    assert "name=" in repr(first)
+
+
+def test_unit_summary_without_pandas_is_a_pyarrow_table(digits_run):
+    code = (
+        "import sys\n"
+        "class NoPandas:  # an import finder that finds no pandas: as if it were not installed\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'pandas':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoPandas())\n"
+        "import json, ddm_ray, pyarrow as pa\n"
+        f"run = ddm_ray.open_run({digits_run!r})\n"
+        "t = run.unit_summary()\n"
+        "assert isinstance(t, pa.Table), type(t)\n"
+        "try:\n    run.unit_summary(as_pandas=True)\nexcept ddm_ray.errors.InputError as e:\n    err = str(e)\n"
+        "print(json.dumps({'columns': t.column_names, 'rows': t.num_rows, 'err': err,\n"
+        "                  'mean': t.column('mean_delta_loss').to_pylist()}))\n"
+    )
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout.strip().splitlines()[-1])
+    assert doc["rows"] == 20 and doc["columns"][:6] == ["unit_id", "name", "label", "label_name", "level", "size"]
+    assert {"mean_delta_margin", "hurt_share_correct", "disagreeing", "top_member_ids"} <= set(doc["columns"])
+    assert 'pip install "ddm-ray[pandas]"' in doc["err"]
+    mean, _, _ = _expected_summary(ddm_ray.open_run(digits_run))["loss"]
+    np.testing.assert_allclose(doc["mean"], mean, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_readme_notebook_audit_finds_the_sloppy_annotator(tmp_path):
+    """The README's notebook-sized audit, run as written: annotator-5 (30% of its labels flipped)
+    comes out worst, its first members to look at are flipped ones, and the exact check agrees."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("pandas")
+    (code,) = readme_blocks("A notebook-sized audit")
+    code += ("\nflipped = set(sloppy.tolist())\n"
+             "print('RESULT', json.dumps({'worst': worst['name'], 'top': [int(i) for i in worst['top_member_ids']],"
+             " 'flipped_in_top': sum(int(i) in flipped for i in worst['top_member_ids']),"
+             " 'pearson': check['pearson'], 'members': len(unit['sample_ids']),"
+             " 'disagreeing': int(worst['disagreeing'])}))\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DDM_RAY_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(README.parent)}
+    p = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "worst unit: annotator-5" in p.stdout
+    doc = json.loads(p.stdout.split("RESULT ", 1)[1])
+    assert doc["worst"] == "annotator-5" and doc["members"] == 100
+    assert doc["flipped_in_top"] == 5 and doc["disagreeing"] >= 20
+    assert doc["pearson"] > 0.8

@@ -370,3 +370,37 @@ def test_online_blocks_ship_only_their_weight_rows(tmp_path, tiny_parquet):
     for shape, pickled, storage in shipped:
         assert shape[0] == 2 and storage == shape[0] * shape[1] * 4  # its own storage, nothing more
         assert pickled < storage + 2048
+
+
+def test_run_prints_next_steps_with_its_path_and_they_work(tmp_path, tiny_parquet):
+    import shlex
+
+    tr, te = tiny_parquet
+    out = str(tmp_path / "my audit")  # a space: the commands must quote it
+    opts = tmp_path / "storage.txt"
+    opts.write_text("anon=false\n")
+    p = subprocess.run([sys.executable, "-m", "ddm_ray.cli", "run", "--train", tr, "--test", te, "--out", out,
+                        "--storage-options-file", str(opts), *TINY_RUN], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("complete: 6 units") and lines[1] == "next steps:"
+    steps = [line.split("  # ")[0].strip() for line in lines[2:5]]
+    assert all(line.startswith("warning: ") for line in lines[5:])  # then the run's warnings, if any
+    quoted, opt = shlex.quote(out), f"--storage-options-file {shlex.quote(str(opts))}"
+    assert steps == [f"ddm-ray validate {quoted} --engine local {opt}", f"ddm-ray inspect {quoted} --worst-tests 5 {opt}",
+                     f"ddm-ray report {quoted} {opt}"]
+    assert lines[4].endswith(f"# an HTML page: {out}/report/index.html")
+    for step in steps[1:]:  # the printed commands run as printed (validate is covered elsewhere)
+        argv = shlex.split(step)
+        r = subprocess.run([sys.executable, "-m", "ddm_ray.cli", *argv[1:]], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, (step, r.stderr)
+    assert (tmp_path / "my audit" / "report" / "index.html").exists()
+    from ddm_ray.cli import build_parser
+    from ddm_ray.cli.run import next_steps
+    from ddm_ray.config import ExecConfig
+
+    a = build_parser().parse_args(["run", "--out", "s3://bucket/runs/a", "--storage-option", "endpoint_url=http://h:9"])
+    remote = next_steps(a, ExecConfig())
+    assert remote[1].startswith("  ddm-ray validate s3://bucket/runs/a --storage-option endpoint_url=http://h:9  ")
+    assert "ddm-ray report s3://bucket/runs/a --report-out ./report --storage-option endpoint_url=http://h:9" in remote[3]

@@ -53,7 +53,8 @@ def test_unit_lists_exactly_its_members_and_the_tests_it_moves(run_dir, capsys):
     units = pq.read_table(f"{run_dir}/units.parquet").to_pydict()
     rc, out, _ = cli(capsys, run_dir, "--unit", "0")
     assert rc == 0
-    assert out.startswith(f"unit 0: label {units['label_name'][0]}, size {units['size'][0]}, level cluster")
+    assert out.startswith(f"unit 0 ({units['name'][0]}): label {units['label_name'][0]}, size {units['size'][0]}, "
+                          "level cluster")
     members = section(out, "members (")
     assert [int(line.split()[0]) for line in members] == units["sample_ids"][0]
     assert {line.split()[1] for line in members} == {units["label_name"][0]}
@@ -92,8 +93,9 @@ def test_test_id_agrees_with_top_units(run_dir, capsys):
             lines = section(out, title)
             assert [int(line.split()[0]) for line in lines] == [u for u, _ in top[side]]
             for line, (u, d) in zip(lines, top[side], strict=True):
-                assert int(line.split()[2]) == units["size"][u] and float(line.split()[3]) == pytest.approx(d, abs=1e-5)
-                shown = line.split()[4:]
+                assert line.split()[1] == units["name"][u]
+                assert int(line.split()[3]) == units["size"][u] and float(line.split()[4]) == pytest.approx(d, abs=1e-5)
+                shown = line.split()[5:]
                 assert [int(i) for i in shown[:10] if i.isdigit()] == units["sample_ids"][u][:10]
                 if units["size"][u] > 10:
                     assert line.endswith(f"... (+{units['size'][u] - 10} more)")
@@ -101,7 +103,7 @@ def test_test_id_agrees_with_top_units(run_dir, capsys):
         assert (helpful_deltas[0] > 0) if objective == "loss" else (helpful_deltas[0] < 0)
     rc, text, _ = cli(capsys, "--out", run_dir, "--test-id", str(ctx["test_id"]), "--top", "2", "--format", "csv")
     lines = text.splitlines()
-    assert lines[0] == "test_id,objective,direction,rank,unit_id,label,label_name,size,delta,member_ids"
+    assert lines[0] == "test_id,objective,direction,rank,unit_id,unit_name,label,label_name,size,delta,member_ids"
     assert len(lines) == 1 + 4
     rc, js, _ = cli(capsys, run_dir, "--test-id", str(ctx["test_id"]), "--top", "2", "--format", "json")
     doc = json.loads(js)
@@ -177,6 +179,76 @@ def test_library_functions_return_plain_data_and_read_through_audit_run(run_dir)
         assert reader not in source, f"ddm_ray/inspect.py uses {reader}: read through AuditRun"
     _, _, delta = run.matrix("loss")
     assert delta.shape == (30, 60) and np.isfinite(delta).all()
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory) -> str:
+    """Blobs of 3 classes with a `source` column of 4 annotators: one unit per annotator."""
+    import pyarrow as pa
+
+    from tests.conftest import TINY_RUN, blobs
+
+    root = tmp_path_factory.mktemp("named")
+    x, y = blobs(96, seed=0)
+    xt, yt = blobs(24, seed=1)
+    pq.write_table(pa.table({"x": list(x), "y": y, "source": [f"annotator-{i % 4}" for i in range(96)]}),
+                   root / "train.parquet")
+    pq.write_table(pa.table({"x": list(xt), "y": yt}), root / "test.parquet")
+    out = str(root / "run")
+    i = TINY_RUN.index("--clusters-per-class")
+    run_args = TINY_RUN[:i] + TINY_RUN[i + 2 :]  # k-means options do not apply to column units
+    assert main(["run", "--train", str(root / "train.parquet"), "--test", str(root / "test.parquet"),
+                 "--units-from", "source", "--out", out, *run_args]) == 0
+    return out
+
+
+def test_a_unit_is_named_wherever_an_id_is_accepted(source_run, run_dir, capsys):
+    units = pq.read_table(f"{source_run}/units.parquet").to_pydict()
+    assert sorted(units["name"]) == [f"annotator-{i}" for i in range(4)]
+    uid = units["name"].index("annotator-2")
+    run = ddm_ray.open_run(source_run)
+    assert run.unit_id("annotator-2") == uid and run.unit_id(str(uid)) == uid and run.unit_id(uid) == uid
+    assert run.members("annotator-2") == run.members(uid)
+    assert run.members("annotator-2")["sample_ids"] == units["sample_ids"][uid]
+    assert run.top_tests("annotator-2", k=3) == run.top_tests(uid, k=3)
+    by_name = cli(capsys, source_run, "--unit", "annotator-2")
+    by_id = cli(capsys, source_run, "--unit", str(uid))
+    assert by_name[0] == by_id[0] == 0 and by_name[1] == by_id[1]
+    assert by_name[1].startswith(f"unit {uid} (annotator-2): label mixed, size 24, level column:source")
+    rc, js, _ = cli(capsys, source_run, "--unit", "annotator-2", "--format", "json")
+    doc = json.loads(js)
+    assert doc["unit"]["name"] == "annotator-2"
+    # a mixed unit's members carry their own labels (blobs: sample i has label i % 3), and the
+    # trained model's prediction on each
+    assert [(m["sample_id"], m["label"], m["label_name"]) for m in doc["members"]] == [
+        (i, i % 3, str(i % 3)) for i in units["sample_ids"][uid]]
+    assert {m["label"] for m in doc["members"]} == {0, 1, 2}
+    assert all(m["agrees"] == (m["predicted"] == m["label"]) for m in doc["members"])
+    assert doc["unit"]["disagreeing"] == sum(not m["agrees"] for m in doc["members"])
+    assert units["member_labels"][uid] == [m["label"] for m in doc["members"]]
+    members = section(by_name[1], "members (")
+    assert [line.split()[:2] for line in members] == [[str(i), str(i % 3)] for i in units["sample_ids"][uid]]
+    # the test sample view and the worst tests name the units too
+    test_id = run.test_index().column("test_id")[0].as_py()
+    rc, js, _ = cli(capsys, source_run, "--test-id", str(test_id), "--top", "2", "--format", "json")
+    doc = json.loads(js)
+    assert [u["name"] for u in doc["helpful"]] == [units["name"][u] for u, _ in run.top_units(test_id, k=2)["helpful"]]
+    rc, js, _ = cli(capsys, source_run, "--worst-tests", "2", "--format", "json")
+    assert all(t["harmful_unit_name"] == units["name"][t["harmful_unit"]] for t in json.loads(js)["tests"])
+    # k-means units are named "<label>/<cluster>"
+    kmeans = pq.read_table(f"{run_dir}/units.parquet").to_pydict()
+    assert cli(capsys, run_dir, "--unit", kmeans["name"][4])[1] == cli(capsys, run_dir, "--unit", "4")[1]
+    # an unknown name: one line naming a few valid ones; an unknown id stays an id error
+    rc, out, err = cli(capsys, source_run, "--unit", "annotator-9")
+    assert rc != 0 and out == "" and err.count("\n") == 1, err
+    assert "no unit named 'annotator-9'" in err and "'annotator-0'" in err and "'annotator-3'" in err
+    rc, out, err = cli(capsys, source_run, "--unit", "7")
+    assert rc != 0 and "unit 7 is not in this run" in err
+    with pytest.raises(InputError, match="no unit named 'nobody'"):
+        run.members("nobody")
+    p = subprocess.run([sys.executable, "-m", "ddm_ray.cli", "inspect", source_run, "--unit", "annotator-1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "(annotator-1): label mixed" in p.stdout, p.stderr
 
 
 def test_help_imports_neither_torch_nor_pyarrow():

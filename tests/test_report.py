@@ -19,7 +19,15 @@ from PIL import Image
 import ddm_ray
 from ddm_ray.cli import main
 from ddm_ray.errors import InputError
-from ddm_ray.report import MEMBERS_SHOWN, _Frame, choose_tests, image_layout, unit_statistics, write_report
+from ddm_ray.report import (
+    MEMBERS_SHOWN,
+    _Frame,
+    cards_per_side,
+    choose_tests,
+    image_layout,
+    unit_statistics,
+    write_report,
+)
 from tests.conftest import TINY_RUN, blobs
 
 NAMES = np.array(["<i>ant</i>", "bee & co", 'cat"s'])  # label names the page must escape
@@ -101,10 +109,12 @@ def test_report_sections_units_and_member_pictures(tabular_run):
     run = ddm_ray.open_run(tabular_run)
     units = run.units().to_pydict()
     members = dict(zip(units["unit_id"], units["sample_ids"], strict=True))
+    losses = dict(zip(units["unit_id"], units["member_loss"], strict=True))
     cards = _cards(page)
     assert cards
-    for uid, drawn in cards:  # each card: the unit's first members, as many as it has up to the cap
-        assert drawn == members[uid][:MEMBERS_SHOWN]
+    for uid, drawn in cards:  # each card: the members the model fits worst first, up to the cap
+        worst = sorted(range(len(members[uid])), key=lambda j: (-losses[uid][j], j))[:MEMBERS_SHOWN]
+        assert drawn == [members[uid][j] for j in worst]
     drawn_ids = {s for _u, ids in cards for s in ids}
     on_disk = {int(p.stem.split("-")[1]) for p in (folder / "samples").glob("train-*.png")}
     assert on_disk == drawn_ids
@@ -122,7 +132,9 @@ def test_report_sections_units_and_member_pictures(tabular_run):
     first = re.search(rf'data-test-id="{shown[0]}">(.*?)(<div class="test(?: wrong)?" id=|</section>)', page).group(1)
     helpful_part = first.split('<div class="rowlabel">most harmful</div>')[0]
     helpful = [int(u) for u in re.findall(r'class="unit helpful" data-unit-id="(\d+)"', helpful_part)]
-    expected = [u for u, d in run.top_units(test_id=shown[0], k=5)["helpful"] if d > 0]
+    per_side = cards_per_side(len(members), 5)  # 6 units: the cards show 1 a side, the table all of them
+    assert per_side == 1 and 'id="units-by-tests"' in page
+    expected = [u for u, d in run.top_units(test_id=shown[0], k=per_side)["helpful"] if d > 0]
     assert helpful == expected
 
 
@@ -329,3 +341,104 @@ def test_report_in_a_real_browser(image_run, tmp_path):
     assert gray.std() > 10  # not a blank page
     # the first test card's 96x96 sample sits in its dark-background digit: some rows are mostly dark
     assert (gray < 60).sum() > 96 * 96
+
+
+@pytest.fixture(scope="module")
+def annotator_run(tmp_path_factory) -> tuple[str, set[int]]:
+    """8 annotators of 3-class blobs, one unit each (`--units-from source`); annotator-5 flipped
+    30% of its labels. Returns the run folder and the flipped training ids."""
+    d = tmp_path_factory.mktemp("report_annot")
+    x, y = blobs(240, seed=0)
+    xt, yt = blobs(60, seed=1)
+    source = np.array([f"annotator-{i % 8}" for i in range(240)])
+    rng = np.random.default_rng(0)
+    flipped = np.nonzero((source == "annotator-5") & (rng.random(240) < 0.3))[0]
+    y = y.copy()
+    y[flipped] = (y[flipped] + 1) % 3
+    pq.write_table(pa.table({"x": list(x), "y": y, "source": source, "id": np.arange(240)}), d / "train.parquet")
+    pq.write_table(pa.table({"x": list(xt), "y": yt}), d / "test.parquet")
+    args = list(TINY_RUN)
+    i = args.index("--clusters-per-class")
+    del args[i : i + 2]
+    args[args.index("--epochs") + 1] = "20"
+    out = str(d / "run")
+    assert main(["run", "--train", str(d / "train.parquet"), "--test", str(d / "test.parquet"), "--units-from",
+                 "source", "--out", out, *args]) == 0
+    return out, set(flipped.tolist())
+
+
+def test_report_names_units_shows_member_labels_and_flags_the_sloppy_annotator(annotator_run):
+    out, flipped = annotator_run
+    index = write_report(out, max_tests=6)
+    page = _page(index)
+    run = ddm_ray.open_run(out)
+    units = run.units().to_pydict()
+    names = dict(zip(units["unit_id"], units["name"], strict=True))
+    sloppy = units["name"].index("annotator-5")
+    # unit names wherever a unit appears: cards, the units tables, the units x tests table
+    for m in re.finditer(r'<div class="unit [a-z]+" data-unit-id="(\d+)"><div><b>unit \d+ ([^<]+)</b>', page):
+        assert m.group(2) == names[int(m.group(1))]
+    units_part = page[page.index('id="units"'):]
+    assert all(f"<td>{names[u]}</td>" in units_part for u in units["unit_id"] if f'data-unit-id="{u}"' in units_part)
+    # each member drawn with its own label; label->prediction where the model disagrees
+    flags = re.findall(r'<span class="neg">(\d)&rarr;(\d)</span>', page)
+    assert flags and all(a != b for a, b in flags)
+    label_of = {s: lab for ids, labs in zip(units["sample_ids"], units["member_labels"], strict=True)
+                for s, lab in zip(ids, labs, strict=True)}
+    caps = re.findall(r'<span class="mem" title="train sample (\d+): label (\d)', page)
+    assert caps and all(label_of[int(s)] == int(lab) for s, lab in caps)
+    # likely label problems: computed for the mixed units over their members' labels, and the
+    # disagreement table ranks the sloppy annotator first, drawing flipped members
+    problems = page[page.index('id="label-problems"'):page.index('id="distributions"')]
+    assert "every unit helps its own label" not in problems and "own-label effect is over their members" in problems
+    disagree = problems[problems.index('id="label-disagreement"'):]
+    cards = _cards(disagree)
+    assert cards[0][0] == sloppy and set(cards[0][1]) <= flipped and len(cards[0][1]) == MEMBERS_SHOWN
+    # 8 units: a units x tests table first, then cards with 2 units a side
+    assert cards_per_side(8, 5) == 2
+    assert page.index('id="units-by-tests"') < page.index('class="test')
+    table = re.search(r'<table class="bytests">(.*?)</table>', page).group(1)
+    assert table.count("<tr>") == 1 + 8 and all(n in table for n in names.values())
+    first_card = re.search(r'data-test-id="\d+">(.*?)(<div class="test(?: wrong)?" id=|</section>)', page).group(1)
+    assert len(re.findall(r'class="unit helpful"', first_card)) <= 2
+    assert len(re.findall(r'class="unit harmful"', first_card)) <= 2
+    # the config table: no k-means options for column units; timings in pipeline order, sub-stages indented
+    config = re.search(r'<table class="config">(.*?)</table>', page).group(1)
+    assert "from_column=source" in config and "clusters_per_class" not in config and "kmeans_iters" not in config
+    assert "conv_channels" not in config and "ipc=" not in config and "hidden=16" in config
+    stages = re.findall(r"<tr><td>(?:<span class=\"sub\">)?([a-z_]+)(?:</span>)?</td><td>[\d.]+</td></tr>", page)
+    assert stages[:5] == ["load_data", "train_and_units", "stability", "cost_estimate", "distill"]
+    assert stages[-1] == "total"
+    assert stages.index("distill") < stages.index("distill_calibration") < stages.index("online")
+    assert '<span class="sub">distill_calibration</span>' in page
+    # the fourth histogram is filled (own-label effects of the mixed units)
+    assert 'width="880" height="512"' in page
+    with Image.open(Path(index).parent / "effects.png") as im:
+        assert im.size == (880, 512)
+
+
+def test_applicable_settings_drop_what_did_not_apply():
+    from ddm_ray.config import (
+        DistillConfig,
+        ModelConfig,
+        OnlineConfig,
+        RunConfig,
+        UnitConfig,
+        applicable_settings,
+    )
+
+    user = applicable_settings(RunConfig(model=ModelConfig(arch="mymodels:build"),
+                                         units=UnitConfig(from_column="source")).to_dict())
+    assert "hidden" not in user["model"] and "fc_width" not in user["model"] and user["model"]["arch"] == "mymodels:build"
+    assert "clusters_per_class" not in user["units"] and user["units"]["from_column"] == "source"
+    assert "ipc" not in user["distill"] and "calibration_units" in user["distill"]
+    assert "x_column" not in user["data"] and "train" not in user["data"]  # digits; None values dropped
+    kmeans = applicable_settings(RunConfig().to_dict())
+    assert kmeans["units"]["clusters_per_class"] == 8 and "from_column" not in kmeans["units"]
+    assert kmeans["model"]["hidden"] == [64, 64] or kmeans["model"]["hidden"] == (64, 64)
+    influence = applicable_settings(RunConfig(distill=DistillConfig(target="influence")).to_dict())["distill"]
+    assert not {"blend_weight", "calibration_units", "unrolled_rank", "target_solver"} & set(influence)
+    exact = applicable_settings(RunConfig(online=OnlineConfig(method="exact")).to_dict())
+    assert "distill" not in exact and exact["online"]["method"] == "exact" and "lr" not in exact["online"]
+    literal = applicable_settings(RunConfig(distill=DistillConfig(method="literal")).to_dict())["distill"]
+    assert literal["ipc"] == 4 and "probe_rank" not in literal and "target" not in literal

@@ -2,6 +2,7 @@
 
     ddm-ray inspect RUN --test-id 17        # its context, the units that help and hurt it most
     ddm-ray inspect RUN --unit 3            # label, size, every member, the tests it moves most
+    ddm-ray inspect RUN --unit annotator-5  # the same, by the unit's name (units.parquet `name`)
     ddm-ray inspect RUN --worst-tests 20    # misclassified first, then the highest-loss correct ones
 
 The computing lives in `ddm_ray.inspect` (imported inside the command, so `--help` stays fast).
@@ -64,7 +65,8 @@ def register(sub: Any) -> None:
     i.add_argument("--out", help="the run folder, as given to `ddm-ray run --out` (instead of RUN)")
     what = i.add_mutually_exclusive_group()
     what.add_argument("--test-id", type=int, metavar="N", help="one test sample: context, most helpful and harmful units")
-    what.add_argument("--unit", type=int, metavar="U", help="one unit: label, size, members, the test samples it moves most")
+    what.add_argument("--unit", metavar="U", help="one unit, by id or by name (e.g. annotator-5, or 3/0 for class 3's "
+                                                  "first cluster): label, size, members, the test samples it moves most")
     what.add_argument("--worst-tests", type=_positive, metavar="K",
                       help="the K worst test samples: misclassified (highest loss first), then highest-loss correct")
     i.add_argument("--objective", help="loss (default), margin or correct: one of the run's objectives")

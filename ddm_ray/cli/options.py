@@ -50,6 +50,7 @@ class Option:
     default: Any
     help: str
     choices: tuple[str, ...] | None
+    advanced: bool = False  # listed by --help-all only
 
 
 def _kind(annotation: str) -> tuple[str, bool]:
@@ -83,6 +84,7 @@ def options(sections: Mapping[str, type] | None = None) -> list[Option]:
             by_flag[flag] = Option(
                 flag, flag.replace("-", "_"), ((section, f.name),), kind, optional,
                 getattr(defaults, f.name), f.metadata.get("help", ""), f.metadata.get("choices"),
+                bool(f.metadata.get("advanced", False)),
             )
     return list(by_flag.values())
 
@@ -120,29 +122,72 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def help_text(o: Option) -> str:
+    """The help line of an option: its text, its default once (unless the text already says
+    it), and its choices (unless the text already lists them all)."""
+    text = o.help
+    if "(default" not in text:
+        text = f"{text} (default: {_show(o.default)})" if text else f"(default: {_show(o.default)})"
+    if o.choices and not all(c in o.help for c in o.choices):
+        text += f"; one of {', '.join(o.choices)}"
+    return text
+
+
+class _HelpAll(argparse.Action):
+    """--help-all: the help with the advanced options too (they are accepted without it)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kw: Any) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kw: Any) -> None:
+        for action in parser._actions:
+            full = getattr(action, "full_help", None)
+            if full is not None:
+                action.help = full
+        parser.epilog = None
+        parser.print_help()
+        parser.exit()
+
+
+def add_help_all(p: argparse.ArgumentParser) -> None:
+    """--help-all on p, and an epilog saying how many advanced options --help leaves out (call
+    after the options are added)."""
+    hidden = [a for a in p._actions if getattr(a, "full_help", None) is not None]
+    if not hidden or any(isinstance(a, _HelpAll) for a in p._actions):
+        return
+    p.add_argument("--help-all", action=_HelpAll,
+                   help=f"show the {len(hidden)} advanced options too (distillation internals, tuning)")
+    p.epilog = (f"{len(hidden)} advanced options (distillation internals, online and execution tuning) are accepted "
+                "but not listed here: --help-all lists them.")
+
+
 def add_options(
     p: argparse.ArgumentParser, sections: Mapping[str, type] | None = None, titles: Mapping[str, str] | None = None
 ) -> None:
-    """Add the generated flags of `sections` (default: the run's) to p, grouped by section.
-    Defaults are shown in the help but not stored: the namespace holds only the flags given (so a
-    --config file can sit underneath them)."""
-    groups: dict[str, Any] = {}
+    """Add the generated flags of `sections` (default: the run's) to p, grouped by section, the
+    advanced ones (`opt(..., advanced=True)`) in groups of their own that only `--help-all`
+    lists (`add_help_all`). Defaults are shown in the help but not stored: the namespace holds
+    only the flags given (so a --config file can sit underneath them)."""
+    groups: dict[tuple[str, bool], Any] = {}
     titles = TITLES if titles is None else titles
     for o in options(sections):
         section = o.targets[0][0]
-        if section not in groups:
-            groups[section] = p.add_argument_group(titles.get(section, section))
-        g = groups[section]
-        text = f"{o.help} (default: {_show(o.default)})" if o.help else f"(default: {_show(o.default)})"
-        if o.choices:
-            text += f"; one of {', '.join(o.choices)}"
+        key = (section, o.advanced)
+        if key not in groups:
+            title = titles.get(section, section)
+            groups[key] = p.add_argument_group(f"{title}, advanced" if o.advanced else title)
+        g = groups[key]
+        text = help_text(o)
+        shown = argparse.SUPPRESS if o.advanced else text
         if o.kind == "bool":
-            g.add_argument(f"--{o.flag}", dest=o.dest, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=text)  # --no-X turns off a file's true
+            action = g.add_argument(f"--{o.flag}", dest=o.dest, action=argparse.BooleanOptionalAction,
+                                    default=argparse.SUPPRESS, help=shown)  # --no-X turns off a file's true
         else:
-            g.add_argument(f"--{o.flag}", dest=o.dest, type=lambda t, o=o: parse_value(o, t),
-                           default=argparse.SUPPRESS, metavar=o.kind.upper() if o.kind != "str" else "TEXT",
-                           help=text)
+            action = g.add_argument(f"--{o.flag}", dest=o.dest, type=lambda t, o=o: parse_value(o, t),
+                                    default=argparse.SUPPRESS, metavar=o.kind.upper() if o.kind != "str" else "TEXT",
+                                    help=shown)
+        if o.advanced:
+            action.full_help = text  # type: ignore[attr-defined]  # restored by --help-all
 
 
 def read_toml(path: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ddm_ray.cli.common import _logger, add_reader_arguments, add_storage_arguments, storage_options_from_args
@@ -16,6 +17,7 @@ def cmd_report(a: argparse.Namespace) -> int:
         raise ConfigError("--top and --max-tests must be in [1, 10000]")
     from ddm_ray.report import write_report
 
+    warnings: list[str] = []
     index = write_report(
         a.run or a.out or "./ddm-out",
         report_out=a.report_out,
@@ -28,7 +30,10 @@ def cmd_report(a: argparse.Namespace) -> int:
         train=a.train,
         test=a.test,
         data_root=a.data_root,
+        warnings_out=warnings,
     )
+    for w in warnings:
+        print(f"ddm-ray: warning: {w}", file=sys.stderr)
     print(index)
     return 0
 

@@ -6,7 +6,14 @@ import argparse
 from typing import Any
 
 from ddm_ray.cli.common import _logger, add_storage_arguments, storage_options_from_args
-from ddm_ray.cli.options import add_options, build_configs, given_options, read_toml, values_from_toml
+from ddm_ray.cli.options import (
+    add_help_all,
+    add_options,
+    build_configs,
+    given_options,
+    read_toml,
+    values_from_toml,
+)
 from ddm_ray.config import ExecConfig, RunConfig
 
 DEFAULT_OUT = "./ddm-out"
@@ -24,6 +31,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address", help="Ray address (default: start a local runtime or use RAY_ADDRESS)")
     add_storage_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress output")
+    add_help_all(p)
 
 
 def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
@@ -38,6 +46,27 @@ def configs_from_args(a: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
     return build_configs(given_options(a), file_values, storage_options_from_args(a))
 
 
+def next_steps(a: argparse.Namespace, exe: ExecConfig) -> list[str]:
+    """The commands to run next on this run's folder, with the storage flags it was read with (a
+    credentials file by its path only) and `--engine local` for validate when the run used it."""
+    import shlex
+
+    out = shlex.quote(a.out)
+    storage = "".join(f" --storage-option {shlex.quote(f'{k}={v}')}" for k, v in (a.storage_option or []))
+    if a.storage_options_file:
+        storage += f" --storage-options-file {shlex.quote(a.storage_options_file)}"
+    engine = " --engine local" if exe.engine == "local" else ""
+    local = "://" not in a.out or a.out.startswith("file://")
+    rows = [
+        (f"ddm-ray validate {out}{engine}{storage}", "exact leave-one-out retraining vs these rows (--units N: a sample)"),
+        (f"ddm-ray inspect {out} --worst-tests 5{storage}", "the worst test samples and the unit hurting each most"),
+        (f"ddm-ray report {out}{storage}", f"an HTML page: {a.out.rstrip('/')}/report/index.html") if local else
+        (f"ddm-ray report {out} --report-out ./report{storage}", "an HTML page in the local folder ./report"),
+    ]
+    width = max(len(cmd) for cmd, _ in rows)
+    return ["next steps:", *(f"  {cmd:<{width}}  # {why}" for cmd, why in rows)]
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from ddm_ray.engine import run_with_engine
 
@@ -48,6 +77,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         f"complete: {c['units']} units x {c['test_samples']} test samples x {c['objectives']} "
         f"objectives -> {a.out} (config {manifest['config_hash']}, {manifest['timings_seconds']['total']:.1f}s)"
     )
+    print("\n".join(next_steps(a, exe)))
+    from ddm_ray.advice import run_warnings
+
+    for w in run_warnings(manifest):
+        print(f"warning: {w}")
     return 0
 
 

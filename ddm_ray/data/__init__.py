@@ -24,6 +24,16 @@ from ddm_ray.data.parquet import encode_labels, read_split
 from ddm_ray.errors import InputError
 
 
+def unit_float32(a: np.ndarray, scale: float, chunk: int = 1 << 22) -> np.ndarray:
+    """a / scale as float32, computed in float64 chunk by chunk (the values of a float64 division
+    cast to float32, without a float64 copy of the whole array)."""
+    out = np.empty(a.shape, dtype=np.float32)
+    src, dst = a.reshape(-1), out.reshape(-1)
+    for i in range(0, src.size, chunk):
+        dst[i : i + chunk] = src[i : i + chunk] / scale
+    return out
+
+
 @dataclass
 class Dataset:
     """x_*: (N, *input_shape) float32; y_*: (N,) int64 class index; *_ids: (N,) int64."""
@@ -38,6 +48,7 @@ class Dataset:
     input_shape: tuple[int, ...]
     class_names: list[str] | None = None  # the data's label names (string labels), in class order
     train_groups: list[Any] | None = None  # (N_train,) value of the units column of each sample
+    label_order: str = "integer"  # how classes were ordered: a key of data.parquet.LABEL_ORDERS
 
     @property
     def num_classes(self) -> int:
@@ -61,8 +72,10 @@ def _finish(
     cfg: DataConfig,
     source: str,
     groups: np.ndarray | None = None,
+    class_label: list[str] | None = None,
 ) -> Dataset:
-    """Check both splits and map labels to class indices. x_*: (N, F); y_*: (N,) int64 or str."""
+    """Check both splits and map labels to class indices. x_*: (N, F); y_*: (N,) int64 or str;
+    class_label: the data's ClassLabel names, if it stores any (see `encode_labels`)."""
     if cfg.max_train is not None:
         x_tr, y_tr, id_tr = x_tr[: cfg.max_train], y_tr[: cfg.max_train], id_tr[: cfg.max_train]
         groups = None if groups is None else groups[: cfg.max_train]
@@ -82,7 +95,7 @@ def _finish(
     for name, ids in (("train", id_tr), ("test", id_te)):
         if len(np.unique(ids)) != len(ids):
             raise InputError(f"{source}: the {name} set has duplicate ids")
-    y_tr_idx, y_te_idx, classes, names = encode_labels(y_tr, y_te, source)
+    y_tr_idx, y_te_idx, classes, names, order = encode_labels(y_tr, y_te, source, class_label)
     if len(classes) < 2:
         raise InputError(f"{source}: the training set has {len(classes)} class; need at least 2")
     return Dataset(
@@ -96,6 +109,7 @@ def _finish(
         input_shape=shape,
         class_names=names,
         train_groups=None if groups is None else groups.tolist(),
+        label_order=order,
     )
 
 
@@ -103,7 +117,7 @@ def _digits(cfg: DataConfig) -> Dataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
+    x = unit_float32(d.data, 16.0)
     y = d.target.astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(x))
     tr, te = perm[:1200], perm[1200:]
@@ -123,8 +137,13 @@ def _parquet(cfg: DataConfig, storage_options: dict[str, str], group_column: str
             f"parquet: train samples have shape {','.join(map(str, tr.shape))}, test samples "
             f"{','.join(map(str, te.shape))}"
         )
+    if tr.label_names is not None and te.label_names is not None and tr.label_names != te.label_names:
+        raise InputError(f"parquet: the train and test files name the classes of {cfg.y_column!r} differently "
+                         f"(Hugging Face ClassLabel: {', '.join(tr.label_names[:5])} ... vs "
+                         f"{', '.join(te.label_names[:5])} ...)")
     shape = cfg.input_shape or tr.shape
-    return _finish(tr.x, tr.y, tr.ids, te.x, te.y, te.ids, shape, cfg, "parquet", groups=tr.groups)
+    return _finish(tr.x, tr.y, tr.ids, te.x, te.y, te.ids, shape, cfg, "parquet", groups=tr.groups,
+                   class_label=tr.label_names or te.label_names)
 
 
 def _open_maybe_gz(root: str, name: str) -> bytes:
@@ -162,9 +181,11 @@ def _mnist(cfg: DataConfig) -> Dataset:
         labs = _idx(_open_maybe_gz(root, lab_name), lab_name)
         if imgs.ndim != 3 or labs.ndim != 1 or len(imgs) != len(labs):
             raise InputError(f"{root}: MNIST {split} images and labels do not match")
-        parts[split] = (imgs.reshape(len(imgs), -1) / 255.0, labs.astype(np.int64))
+        h, w = imgs.shape[1:]  # the test images' size is the one used (the last split read)
+        keep = cfg.max_train if split == "train" else cfg.max_test  # scale only the rows kept
+        imgs, labs = imgs[:keep], labs[:keep]
+        parts[split] = (unit_float32(imgs.reshape(len(imgs), -1), 255.0), labs.astype(np.int64))
     (x_tr, y_tr), (x_te, y_te) = parts["train"], parts["test"]
-    h, w = _idx(_open_maybe_gz(root, "t10k-images-idx3-ubyte"), "t10k").shape[1:]
     shape = cfg.input_shape or (1, h, w)
     return _finish(
         x_tr, y_tr, np.arange(len(x_tr)), x_te, y_te, np.arange(len(x_te)), shape, cfg, "mnist"
@@ -225,11 +246,12 @@ def _cifar10(cfg: DataConfig) -> Dataset:
         root = sub
     train = [_cifar_batch(os.path.join(root, f"data_batch_{i}")) for i in range(1, 6)]
     x_te, y_te = _cifar_batch(os.path.join(root, "test_batch"))
-    x_tr = np.concatenate([b[0] for b in train]) / 255.0
-    y_tr = np.concatenate([b[1] for b in train])
+    x_tr = unit_float32(np.concatenate([b[0] for b in train])[: cfg.max_train], 255.0)
+    y_tr = np.concatenate([b[1] for b in train])[: cfg.max_train]
+    x_te, y_te = x_te[: cfg.max_test], y_te[: cfg.max_test]
     shape = cfg.input_shape or (3, 32, 32)
     return _finish(
-        x_tr, y_tr, np.arange(len(x_tr)), x_te / 255.0, y_te, np.arange(len(x_te)), shape, cfg,
+        x_tr, y_tr, np.arange(len(x_tr)), unit_float32(x_te, 255.0), y_te, np.arange(len(x_te)), shape, cfg,
         "cifar10",
     )
 

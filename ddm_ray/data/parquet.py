@@ -14,6 +14,7 @@ values scaled to [0, 1]; the first image fixes the shape and every other must ma
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -27,51 +28,107 @@ from ddm_ray.errors import DDMError, InputError, brief
 
 @dataclass
 class Columns:
-    """One split as arrays: x (N, F) float64, shape of one sample, y (N,) raw labels (int64 or
-    str objects), ids (N,) int64, groups (N,) raw values of the units column or None."""
+    """One split as arrays: x (N, F) float32, shape of one sample, y (N,) raw labels (int64 or
+    str objects), ids (N,) int64, groups (N,) raw values of the units column or None;
+    label_names: the class names a Hugging Face `ClassLabel` stores for the label column in the
+    file's schema metadata (index i names label i), or None."""
 
     x: np.ndarray
     shape: tuple[int, ...]
     y: np.ndarray
     ids: np.ndarray
     groups: np.ndarray | None
+    label_names: list[str] | None = None
+
+
+#: How string labels were put in class order (recorded in the manifest's `data.label_order`).
+LABEL_ORDERS = {
+    "class_label": "the order of the Hugging Face ClassLabel names in the Parquet schema metadata",
+    "numeric": "numeric order of the label names (every name is a number)",
+    "alphabetical": "alphabetical order of the label names (no ClassLabel names in the Parquet metadata)",
+    "integer": "ascending integer labels",
+}
+
+
+def class_label_names(metadata: dict[bytes, bytes] | None, column: str) -> list[str] | None:
+    """The `names` of a Hugging Face `ClassLabel` feature for `column` in Parquet schema
+    metadata (key `huggingface`: JSON with info.features.<column>.names), or None when there is
+    none or it is not a list of distinct strings."""
+    import json
+
+    raw = (metadata or {}).get(b"huggingface")
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+        feature = doc.get("info", {}).get("features", {}).get(column)
+    except (ValueError, AttributeError, TypeError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return None
+    return names if len(set(names)) == len(names) else None
 
 
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-def _decode_images(blobs: list[bytes], url: str, first_row: int = 0) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Encoded images -> (N, C*H*W) float64 in [0, 1] and the shape (C, H, W) of the first one."""
+DECODE_THREADS = min(8, os.cpu_count() or 1)  # Pillow's decoders release the GIL
+_PARALLEL_FROM = 256  # images: fewer are decoded in the calling thread
+
+
+def _decode_one(blob: bytes, gray: bool | None, url: str, row: int) -> tuple[np.ndarray, bool]:
+    """One encoded image -> ((C, H, W) float64 in [0, 1], gray); gray None: decide from this
+    image (a grayscale mode: one channel; anything else: RGB)."""
     from PIL import Image, UnidentifiedImageError
 
-    out: np.ndarray | None = None
-    shape: tuple[int, ...] = ()
-    gray = False
-    for i, blob in enumerate(blobs):
-        try:
-            with Image.open(io.BytesIO(blob)) as im:
-                if out is None:
-                    gray = im.mode in _GRAY_MODES
-                if gray and im.mode.startswith("I"):  # 16/32-bit grayscale
-                    arr = np.asarray(im, dtype=np.float64)[None] / 65535.0
-                elif gray and im.mode == "F":  # float images are taken as they are
-                    arr = np.asarray(im, dtype=np.float64)[None]
-                elif gray:
-                    arr = np.asarray(im.convert("L"), dtype=np.float64)[None] / 255.0
-                else:
-                    arr = np.asarray(im.convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255.0
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise InputError(f"{url}: row {first_row + i}: not a decodable image ({brief(e)})") from None
-        if out is None:
-            shape = tuple(int(d) for d in arr.shape)
-            out = np.empty((len(blobs), arr.size), dtype=np.float64)
-        elif tuple(arr.shape) != shape:
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            if gray is None:
+                gray = im.mode in _GRAY_MODES
+            if gray and im.mode.startswith("I"):  # 16/32-bit grayscale
+                return np.asarray(im, dtype=np.float64)[None] / 65535.0, gray
+            if gray and im.mode == "F":  # float images are taken as they are
+                return np.asarray(im, dtype=np.float64)[None], gray
+            if gray:
+                return np.asarray(im.convert("L"), dtype=np.float64)[None] / 255.0, gray
+            return np.asarray(im.convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255.0, gray
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{url}: row {row}: not a decodable image ({brief(e)})") from None
+
+
+def _decode_images(blobs: list[bytes], url: str, first_row: int = 0,
+                   threads: int | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Encoded images -> (N, C*H*W) float32 in [0, 1] and the shape (C, H, W) of the first one,
+    which also decides grayscale or RGB for all. Decoded on `threads` threads (default
+    `DECODE_THREADS`; from `_PARALLEL_FROM` images on), each image computed in float64 and
+    stored as float32 (the values a float64 decode then a float32 cast give). The first bad
+    image in row order is the one reported."""
+    assert blobs, "no images to decode"
+    first, gray = _decode_one(blobs[0], None, url, first_row)
+    shape = tuple(int(d) for d in first.shape)
+    out = np.empty((len(blobs), first.size), dtype=np.float32)
+    out[0] = first.reshape(-1)
+
+    def decode(i: int) -> None:
+        arr, _ = _decode_one(blobs[i], gray, url, first_row + i)
+        if tuple(arr.shape) != shape:
             raise InputError(
                 f"{url}: row {first_row + i}: image of shape {','.join(map(str, arr.shape))}, but the first is "
                 f"{','.join(map(str, shape))}; resize the images to one size"
             )
         out[i] = arr.reshape(-1)
-    assert out is not None
+
+    workers = DECODE_THREADS if threads is None else threads
+    if workers <= 1 or len(blobs) < _PARALLEL_FROM:
+        for i in range(1, len(blobs)):
+            decode(i)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(decode, range(1, len(blobs)), chunksize=64):  # in row order: the first error
+                pass
     return out, shape
 
 
@@ -130,7 +187,9 @@ def _is_list(t: pa.DataType) -> bool:
 
 
 def _numeric_lists(col: pa.Array, url: str, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
-    """list<number> or nested lists of one shape -> (N, F) float64 and the per-sample shape."""
+    """list<number> or nested lists of one shape -> (N, F) float32 and the per-sample shape
+    (integers are converted through float64, chunk by chunk: the values a float64 array cast to
+    float32 has)."""
     n = len(col)
     shape: list[int] = []
     level: pa.Array = col
@@ -149,7 +208,14 @@ def _numeric_lists(col: pa.Array, url: str, name: str) -> tuple[np.ndarray, tupl
         raise InputError(f"{url}: column {name!r} must hold numbers or images, got {col.type}")
     if level.null_count:
         raise InputError(f"{url}: null values in {name!r}")
-    x = np.asarray(level, dtype=np.float64).reshape(n, -1)
+    if pa.types.is_floating(level.type):
+        x = np.array(level.cast(pa.float32()), dtype=np.float32).reshape(n, -1)  # a writable copy
+    else:
+        x = np.empty(len(level), dtype=np.float32)
+        step = 1 << 20
+        for i in range(0, len(level), step):
+            x[i : i + step] = np.asarray(level.slice(i, step), dtype=np.float64)
+        x = x.reshape(n, -1)
     return x, tuple(shape)
 
 
@@ -160,29 +226,33 @@ def read_split(
     """Read one Parquet split (its first max_rows rows when given, sliced before any image is
     decoded); raises InputError with a one-line reason for anything unusable. id_required: the
     id column was named by the user, so its absence is an error, not the row number."""
-    from ddm_ray.store.fs import open_url, read_parquet, redact
+    from ddm_ray.store.fs import open_url, parquet_schema, read_parquet_part, redact
 
     raw, url = url, redact(url)  # messages never echo a presigned signature
     try:
         fs, path = open_url(raw, storage_options)
-        table = read_parquet(fs, path)
+        schema, num_rows = parquet_schema(fs, path)
     except FileNotFoundError:
         raise InputError(f"{url}: no such file") from None
     except DDMError:
         raise
     except Exception as e:  # noqa: BLE001  storage back-ends raise far beyond OSError
         raise InputError(f"{url}: cannot read as Parquet ({brief(e)})") from None
-    names = table.column_names
+    names = schema.names
+    label_names = class_label_names(schema.metadata, y_column)
     wanted = [x_column, y_column] + ([group_column] if group_column else [])
     for col in wanted:
         if col not in names:
             raise InputError(f"{url}: missing column {col!r} (has {', '.join(names) or 'none'})")
-    if table.num_rows == 0:
+    if num_rows == 0:
         raise InputError(f"{url}: no rows")
-    if max_rows is not None:
-        table = table.slice(0, max_rows)
     if id_required and id_column not in names:
         raise InputError(f"{url}: missing id column {id_column!r} (has {', '.join(names)})")
+    columns = list(dict.fromkeys([*wanted, *([id_column] if id_column in names else [])]))
+    try:  # only these columns, and only the rows asked for: the rest of the file is never read
+        table = read_parquet_part(fs, path, columns, max_rows)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{url}: cannot read as Parquet ({brief(e)})") from None
     xcol = table.column(x_column).combine_chunks()
     if xcol.null_count:
         raise InputError(f"{url}: null values in {x_column!r}")
@@ -214,7 +284,7 @@ def read_split(
                 or pa.types.is_boolean(g.type)):
             raise InputError(f"{url}: units column {group_column!r} must be strings or integers, got {g.type}")
         groups = np.asarray(g.to_pylist(), dtype=object)
-    return Columns(x, shape, y, ids, groups)
+    return Columns(x, shape, y, ids, groups, label_names)
 
 
 def _labels(col: pa.Array, url: str, name: str) -> np.ndarray:
@@ -233,28 +303,53 @@ def _labels(col: pa.Array, url: str, name: str) -> np.ndarray:
     raise InputError(f"{url}: label column {name!r} must be integers or strings, got {col.type}")
 
 
-def encode_labels(y_train: np.ndarray, y_test: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, list[Any], list[str] | None]:
-    """Map labels to class indices 0..C-1 in sorted order of the training labels.
+def _number(text: str) -> float | None:
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return v if np.isfinite(v) else None
 
-    Returns (y_train_index, y_test_index, classes, class_names): classes are the integer labels
-    (or the indices, for string labels), class_names the string labels (None for integer ones).
+
+def encode_labels(
+    y_train: np.ndarray, y_test: np.ndarray, source: str, class_label: list[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[Any], list[str] | None, str]:
+    """Map labels to class indices 0..C-1 of the training labels' classes.
+
+    Class order (returned as `order`, one of `LABEL_ORDERS`): for string labels, the order of
+    `class_label` (the Hugging Face ClassLabel names of the file) when every training label is
+    among them, else numeric when every name parses as a number, else alphabetical; integer
+    labels ascend ("integer"), named by `class_label` when it covers them (ClassLabel columns
+    are stored as the names' indices).
+
+    Returns (y_train_index, y_test_index, classes, class_names, order): classes are the integer
+    labels (or the indices, for string labels), class_names the labels' names (None for integer
+    labels without ClassLabel names).
     """
     strings = y_train.dtype == object or y_test.dtype == object
     if strings:
         if y_train.dtype != object or y_test.dtype != object:
             raise InputError(f"{source}: train and test labels must both be strings or both integers")
-        names = sorted(set(y_train.tolist()))
+        present = set(y_train.tolist())
+        if class_label is not None and present <= set(class_label):
+            names, order = [n for n in class_label if n in present], "class_label"
+        elif all(_number(n) is not None for n in present):
+            names, order = sorted(present, key=lambda n: (_number(n), n)), "numeric"
+        else:
+            names, order = sorted(present), "alphabetical"
         lookup = {n: i for i, n in enumerate(names)}
         unknown = sorted(set(y_test.tolist()) - set(names))
         if unknown:
             raise InputError(f"{source}: test labels not among the training classes: {', '.join(map(str, unknown[:5]))}")
         tr = np.fromiter((lookup[v] for v in y_train.tolist()), dtype=np.int64, count=len(y_train))
         te = np.fromiter((lookup[v] for v in y_test.tolist()), dtype=np.int64, count=len(y_test))
-        return tr, te, list(range(len(names))), names
+        return tr, te, list(range(len(names))), names, order
     classes = np.unique(y_train)
     unknown = np.setdiff1d(np.unique(y_test), classes)
     if len(unknown):
         shown = ", ".join(map(str, unknown[:5].tolist()))
         raise InputError(f"{source}: test labels not among the training classes: {shown}")
+    named = class_label is not None and len(classes) > 0 and bool(classes.min() >= 0) and bool(classes.max() < len(class_label))
     return (np.searchsorted(classes, y_train).astype(np.int64), np.searchsorted(classes, y_test).astype(np.int64),
-            [int(c) for c in classes], None)
+            [int(c) for c in classes], [class_label[int(c)] for c in classes] if named else None,
+            "class_label" if named else "integer")

@@ -11,20 +11,29 @@ long stages (training epochs, distillation, online rows, exact retrainings).
   seconds, plus the final one. `ray job logs` captures the driver's stderr, which is not a
   terminal, so jobs get log lines. A Progress whose logger is not enabled for INFO is silent, so
   progress never costs anything in quiet or unconfigured runs, and it never changes results.
+* ETA: from an exponentially weighted rate (`RateEstimate`: work and time both decayed with
+  time constant `ETA_TAU_S`, so a change of pace shows within about that long), leaving out the
+  first interval (start-up: worker launch, first compilation) once a later one exists; no ETA is
+  said ("ETA estimating") before `ETA_MIN_ITEMS` units of work and `ETA_MIN_SECONDS` are done.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TextIO
 
 ROOT = "ddm_ray"
 FORMAT = "[ddm-ray %(asctime)s] %(message)s"
 DATEFMT = "%H:%M:%S"
 DEFAULT_INTERVAL_S = 5.0
+ETA_TAU_S = 30.0  # time constant of the rate's exponential weights
+ETA_MIN_ITEMS = 3  # no ETA before this much work ...
+ETA_MIN_SECONDS = 2.0  # ... and this long
 
 _log = logging.getLogger(__name__)
 _bar: Progress | None = None  # the bar drawn on the terminal now, if any
@@ -41,6 +50,63 @@ def _fmt_eta(seconds: float) -> str:
 
 def _fmt_rate(rate: float) -> str:
     return f"{rate:.1f}" if rate >= 1 else f"{rate:.2g}"
+
+
+@dataclass(frozen=True)
+class RateEstimate:
+    """An exponentially weighted rate of work, updated interval by interval (pure: `step`
+    returns a new estimate). `work` and `time` are the decayed sums of the intervals after the
+    first; the first (start-up) interval is kept apart and used only while it is the only one.
+    `items` and `elapsed` are the plain totals (for the ETA's warm-up rule)."""
+
+    work: float = 0.0
+    time: float = 0.0
+    first_work: float = 0.0
+    first_time: float = 0.0
+    items: float = 0.0
+    elapsed: float = 0.0
+
+    def step(self, dn: float, dt: float, tau_s: float = ETA_TAU_S) -> RateEstimate:
+        """dn more units of work done in dt more seconds."""
+        dt = max(0.0, dt)
+        if self.first_work <= 0:  # still in the first interval: until the first work is done
+            return RateEstimate(0.0, 0.0, self.first_work + dn, self.first_time + dt, self.items + dn, self.elapsed + dt)
+        decay = math.exp(-dt / tau_s)
+        return RateEstimate(self.work * decay + dn, self.time * decay + dt, self.first_work, self.first_time,
+                            self.items + dn, self.elapsed + dt)
+
+    def rate(self) -> float:
+        """Units of work per second (0.0 before any work)."""
+        if self.time > 0 and self.work > 0:
+            return self.work / self.time
+        if self.time > 0 or self.first_time > 0:  # one interval, or later ones that did nothing yet
+            return (self.work + self.first_work) / (self.time + self.first_time)
+        return 0.0
+
+    def eta(self, left: float, min_items: float = ETA_MIN_ITEMS, min_seconds: float = ETA_MIN_SECONDS) -> float | None:
+        """Seconds to do `left` more units at the smoothed rate; 0 when nothing is left; None
+        (not known yet) before min_items units and min_seconds seconds, or at a rate of 0."""
+        if left <= 0:
+            return 0.0
+        r = self.rate()
+        if self.items < min_items or self.elapsed < min_seconds or r <= 0:
+            return None
+        return left / r
+
+
+def eta_from_samples(
+    samples: Iterable[tuple[float, float]], total: float, tau_s: float = ETA_TAU_S,
+    min_items: float = ETA_MIN_ITEMS, min_seconds: float = ETA_MIN_SECONDS,
+) -> float | None:
+    """The ETA after a series of (timestamp in seconds, work done so far) samples, the first one
+    being the start: what `Progress` says after the same updates (see `RateEstimate`)."""
+    it = iter(samples)
+    t_prev, done_prev = next(it)
+    est = RateEstimate()
+    for t, done in it:
+        est = est.step(done - done_prev, t - t_prev, tau_s)
+        t_prev, done_prev = t, done
+    return est.eta(total - done_prev, min_items, min_seconds)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -96,7 +162,8 @@ def configure_worker_logging(level: int) -> None:
 
 
 class Progress:
-    """Counts work of one stage; rate and ETA are over the work done in this session.
+    """Counts work of one stage; rate and ETA are over the work done in this session, smoothed
+    (`RateEstimate`).
 
     what: the stage's name at the start of every line; total: units of work in all; done: units
     already done before (a resumed run); unit: the work's name (plural), e.g. "epochs".
@@ -127,20 +194,21 @@ class Progress:
         self.clock = clock
         self.t0 = clock()
         self.session = 0
+        self.estimate = RateEstimate()
+        self._t_prev = self.t0
         self._last = -float("inf")
         self._closed = False
 
     def rate(self) -> float:
-        dt = self.clock() - self.t0
-        return self.session / dt if dt > 0 else 0.0
+        """The smoothed rate (units of work per second) of this session."""
+        return self.estimate.rate()
 
     def line(self) -> str:
-        r = self.rate()
         left = max(0, self.total - self.done)
-        eta = left / r if r > 0 else (0.0 if left == 0 else float("inf"))
+        eta = self.estimate.eta(left)
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (f"{self.what}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), "
-                f"{_fmt_rate(r)} {self.unit}/s, ETA {_fmt_eta(eta)}")
+                f"{_fmt_rate(self.rate())} {self.unit}/s, ETA {'estimating' if eta is None else _fmt_eta(eta)}")
 
     def update(self, n: int = 1) -> None:
         """n more units of work are done."""
@@ -149,6 +217,8 @@ class Progress:
         if not self.enabled:
             return
         now = self.clock()
+        self.estimate = self.estimate.step(n, now - self._t_prev)
+        self._t_prev = now
         if now - self._last >= self.interval_s or self.done >= self.total:
             self._last = now
             self._emit()

@@ -144,15 +144,51 @@ def with_env_options(url: str, storage_options: dict[str, str]) -> dict[str, str
     return out
 
 
+def _arrow_fs(fs: Any) -> Any:
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return LocalFileSystem()
+    return PyFileSystem(FSSpecHandler(fs))
+
+
 def read_parquet(fs: Any, path: str) -> Any:
     """A whole Parquet file as a pyarrow Table, read by path through a pyarrow filesystem.
 
     Never from an in-memory buffer: with torch imported, tables read from a BytesIO sometimes
     abort the interpreter at exit (exit 134); reading by path did not in any try."""
     import pyarrow.parquet as pq
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
-        return pq.read_table(path, filesystem=LocalFileSystem())
-    return pq.read_table(path, filesystem=PyFileSystem(FSSpecHandler(fs)))
+    return pq.read_table(path, filesystem=_arrow_fs(fs))
+
+
+def parquet_schema(fs: Any, path: str) -> Any:
+    """The Arrow schema of a Parquet file (with its metadata) and its row count, from the
+    footer alone: (schema, num_rows)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path, filesystem=_arrow_fs(fs))
+    return pf.schema_arrow, pf.metadata.num_rows
+
+
+def read_parquet_part(fs: Any, path: str, columns: list[str], max_rows: int | None = None,
+                      batch_rows: int = 65_536) -> Any:
+    """Only `columns` of a Parquet file, and only its first `max_rows` rows when given: row
+    groups past them are never read (a pyarrow Table, by path like `read_parquet`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if max_rows is None:
+        return pq.read_table(path, columns=columns, filesystem=_arrow_fs(fs))
+    pf = pq.ParquetFile(path, filesystem=_arrow_fs(fs))
+    batches, rows = [], 0
+    for batch in pf.iter_batches(batch_size=max(1, min(batch_rows, max_rows)), columns=columns):
+        batches.append(batch)
+        rows += batch.num_rows
+        if rows >= max_rows:
+            break
+    schema = pf.schema_arrow
+    schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+    table = pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+    return table.slice(0, max_rows)

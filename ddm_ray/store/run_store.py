@@ -45,6 +45,9 @@ UNITS_SCHEMA = pa.schema(
         pa.field("label_name", pa.string(), nullable=False),  # the label as in the data ("mixed" if spanning)
         pa.field("name", pa.string(), nullable=False),  # column value, or "<label>/<cluster>" for k-means
         pa.field("sample_ids", pa.list_(pa.int64()), nullable=False),  # training ids of the members
+        pa.field("member_labels", pa.list_(pa.int64()), nullable=False),  # each member's label (coded as `label`)
+        pa.field("member_predicted", pa.list_(pa.int64()), nullable=False),  # the trained model on each member
+        pa.field("member_loss", pa.list_(pa.float32()), nullable=False),  # its cross-entropy on each member
         pa.field("level", pa.string(), nullable=False),  # "cluster" (k-means) or "column:<name>"
         pa.field("size", pa.int64(), nullable=False),
     ]

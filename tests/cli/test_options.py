@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from ddm_ray.cli import build_parser, configs_from_args, main
-from ddm_ray.cli.options import SECTIONS, options
+from ddm_ray.cli.options import SECTIONS, help_text, options
 from ddm_ray.config import RunConfig, config_diff
 from ddm_ray.errors import ConfigError
 
@@ -25,12 +25,55 @@ def test_every_config_field_is_a_flag_with_help_and_default(capsys):
             hidden = f.metadata.get("flag") == ""
             assert ((section, f.name) in flagged) != hidden, (section, f.name)
     with pytest.raises(SystemExit):
-        main(["run", "--help"])
+        main(["run", "--help-all"])
     text = " ".join(capsys.readouterr().out.split())
     for o in options():
         assert f"--{o.flag}" in text
     assert "--clusters-per-class INT k-means clusters per class (K) (default: 8)" in text
     assert "--target TEXT basis target: blend | unrolled | influence (default: blend)" in text
+
+
+ADVANCED = ("--probe-norm", "--basis-ridge", "--probe-energy", "--unrolled-rank", "--probe-rank", "--target-solver",
+            "--influence-damping", "--ipc", "--distill-steps", "--online-lr", "--block-units", "--max-in-flight")
+EVERYDAY = ("--train", "--test", "--x-column", "--y-column", "--model", "--epochs", "--lr", "--seed",
+            "--clusters-per-class", "--units-from", "--engine", "--resume", "--out", "--address", "--quiet")
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_everyday_options_and_help_all_the_advanced_ones(capsys):
+    short, full = _help(capsys, "run", "--help"), _help(capsys, "run", "--help-all")
+    flags = lambda text: {w.split("=")[0].rstrip(",") for w in text.split() if w.startswith("--")}  # noqa: E731
+    for flag in EVERYDAY:
+        assert flag in flags(short) and flag in flags(full), flag
+    for flag in ADVANCED:
+        assert flag not in flags(short) and flag in flags(full), flag
+    advanced = [o for o in options() if o.advanced]
+    assert {f"--{o.flag}" for o in advanced} >= set(ADVANCED)
+    assert f"{len(advanced)} advanced options" in " ".join(short.split()) and "--help-all" in short
+    shown = [line for line in short.splitlines() if line.startswith("  --")]
+    assert len(shown) <= 35 and len(full.splitlines()) > len(short.splitlines())
+    # advanced options sit in groups of their own, after the everyday group of their section
+    assert "distillation, advanced:" in full and "\ndistillation" not in short
+    assert full.index("\nunits:") < full.index("units, advanced:") < full.index("distillation, advanced:")
+    # every default said once per option, in both listings
+    for text in (short, full):
+        assert "(default: none) (default" not in " ".join(text.split())
+    for o in options():
+        assert help_text(o).count("(default") == 1, o.flag
+    # hidden from --help, still accepted
+    cfg, _ = _configs(["--probe-norm", "0.25", "--basis-ridge", "0.01", "--block-units", "8"])
+    assert cfg.distill.probe_norm == 0.25 and cfg.distill.ridge == 0.01
+    bench = _help(capsys, "bench", "fidelity", "--help")
+    assert "--probe-norm" not in bench and "--masks" in bench
+    p = subprocess.run([sys.executable, "-m", "ddm_ray.cli", "run", "--help-all"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and "--probe-norm" in p.stdout and p.stderr == ""
 
 
 def test_defaults_equal_the_dataclass_defaults():

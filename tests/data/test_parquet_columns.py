@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from ddm_ray.config import DataConfig
@@ -144,3 +145,145 @@ def test_max_rows_are_taken_before_images_are_decoded(tmp_path):
     p = _write(tmp_path / "rows.parquet", t)
     ds = load_dataset(DataConfig(dataset="parquet", train=p, test=p, max_train=4, max_test=2))
     assert ds.x_train.shape == (4, 1, 6, 5) and ds.x_test.shape == (2, 1, 6, 5)
+
+
+def _hf(table: pa.Table, names: list[str], column: str = "label") -> pa.Table:
+    """The table with the schema metadata Hugging Face `datasets` writes for a ClassLabel column."""
+    import json
+
+    features = {column: {"names": names, "_type": "ClassLabel"}, "x": {"feature": {"dtype": "float32"}}}
+    return table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+
+
+def _labelled(tmp_path, name: str, labels: list, names: list[str] | None = None, test_names: list[str] | None = None):
+    x = np.random.default_rng(0).normal(size=(len(labels), 3)).astype(np.float32)
+    t = pa.table({"x": list(x), "label": labels})
+    tr = _write(tmp_path / f"{name}-train.parquet", _hf(t, names) if names else t)
+    te_names = test_names if test_names is not None else names
+    te = _write(tmp_path / f"{name}-test.parquet", _hf(t, te_names) if te_names else t)
+    return load_dataset(DataConfig(dataset="parquet", train=tr, test=te, y_column="label"))
+
+
+def test_class_order_follows_a_hugging_face_class_label_else_numbers_else_the_alphabet(tmp_path):
+    order = ["zero", "one", "two", "eight"]  # as the ClassLabel stores them, not alphabetical
+    words = [order[i % 4] for i in range(12)]
+    ds = _labelled(tmp_path, "words", words, order)
+    assert ds.class_names == order and ds.label_order == "class_label"
+    assert ds.y_train.tolist()[:4] == [0, 1, 2, 3] and ds.name_of(3) == "eight"
+    # HF stores a ClassLabel column as the names' indices: the names come from the metadata
+    ds = _labelled(tmp_path, "codes", [i % 3 for i in range(9)], ["cat", "dog", "ant"])
+    assert ds.classes == [0, 1, 2] and ds.class_names == ["cat", "dog", "ant"] and ds.label_order == "class_label"
+    assert [ds.name_of(c) for c in ds.y_test.tolist()[:3]] == ["cat", "dog", "ant"]
+    # a ClassLabel that does not cover the labels is not used
+    ds = _labelled(tmp_path, "partial", words, ["zero", "one"])
+    assert ds.label_order == "alphabetical" and ds.class_names == ["eight", "one", "two", "zero"]
+    # no metadata: numbers in numeric order, not "10" < "2"
+    ds = _labelled(tmp_path, "numbers", ["10", "2", "1.5", "-3"] * 3)
+    assert ds.class_names == ["-3", "1.5", "2", "10"] and ds.label_order == "numeric"
+    ds = _labelled(tmp_path, "alpha", words)
+    assert ds.class_names == ["eight", "one", "two", "zero"] and ds.label_order == "alphabetical"
+    ds = _labelled(tmp_path, "ints", [i % 3 for i in range(9)])
+    assert ds.class_names is None and ds.label_order == "integer"
+    # unreadable metadata is ignored; train and test naming the classes differently is refused
+    x = pa.table({"x": [[1.0], [2.0]], "label": ["b", "a"]}).replace_schema_metadata({"huggingface": "{not json"})
+    p = _write(tmp_path / "broken.parquet", x)
+    assert load_dataset(DataConfig(dataset="parquet", train=p, test=p, y_column="label")).label_order == "alphabetical"
+    with pytest.raises(InputError, match="name the classes of 'label' differently") as e:
+        _labelled(tmp_path, "differ", words, order, test_names=list(reversed(order)))
+    assert "\n" not in str(e.value)
+
+
+def test_a_run_records_the_class_order_and_the_report_says_it(tmp_path):
+    import json
+
+    from ddm_ray.cli import main
+    from tests.conftest import TINY_RUN, blobs
+
+    x, y = blobs(120, seed=0)
+    xt, yt = blobs(30, seed=1)
+    order = ["zero", "one", "two"]
+    for name, xs, ys in (("train", x, y), ("test", xt, yt)):
+        t = pa.table({"x": list(xs), "label": [order[i] for i in ys]})
+        _write(tmp_path / f"{name}.parquet", _hf(t, order))
+    out = str(tmp_path / "run")
+    assert main(["run", "--train", str(tmp_path / "train.parquet"), "--test", str(tmp_path / "test.parquet"),
+                 "--y-column", "label", "--out", out, *TINY_RUN]) == 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["data"]["label_names"] == order and manifest["data"]["label_order"] == "class_label"
+    index = pq.read_table(f"{out}/test_index.parquet").to_pydict()
+    assert index["label"] == yt.tolist() and index["label_name"] == [order[i] for i in yt]
+    assert main(["report", out, "--quiet"]) == 0
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "<td>class order</td><td>the order of the Hugging Face ClassLabel names" in page
+    assert "3: zero, one, two" in page
+
+
+def test_only_the_needed_columns_and_rows_are_read(tmp_path):
+    """A 2,000-row file with a 20 MB column the run does not use, in row groups of 200: reading
+    x, y and the first 10 rows allocates a few kB of Arrow memory, not the file."""
+    import json
+    import subprocess
+    import sys
+
+    n = 2000
+    t = pa.table({"x": [[float(i), 1.0] for i in range(n)], "y": [i % 2 for i in range(n)],
+                  "blob": [bytes(10_000)] * n, "id": np.arange(n) + 7})
+    pq.write_table(t, tmp_path / "big.parquet", row_group_size=200)
+    code = (
+        "import json, sys, pyarrow as pa, pyarrow.parquet as pq\n"
+        "from ddm_ray.data.parquet import read_split\n"
+        "pool = pa.default_memory_pool()\n"
+        f"c = read_split({str(tmp_path / 'big.parquet')!r}, {{}}, 'x', 'y', 'id', max_rows=10)\n"
+        "part = pool.max_memory()\n"
+        f"full = read_split({str(tmp_path / 'big.parquet')!r}, {{}}, 'x', 'y', 'id')\n"
+        "columns = pool.max_memory()\n"
+        f"pq.read_table({str(tmp_path / 'big.parquet')!r})\n"
+        "print(json.dumps({'part': part, 'columns': columns, 'whole': pool.max_memory(), 'ids': c.ids.tolist(),\n"
+        "                  'x': c.x.tolist(), 'dtype': str(c.x.dtype), 'rows': len(full.ids)}))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["ids"] == list(range(7, 17)) and doc["x"] == [[float(i), 1.0] for i in range(10)]
+    assert doc["dtype"] == "float32" and doc["rows"] == n
+    assert doc["whole"] > 20_000_000  # what reading the whole file costs
+    assert doc["part"] < 1_000_000 and doc["columns"] < 2_000_000  # the unused column was never read
+
+
+def test_inputs_are_float32_with_the_values_of_a_float64_read(tmp_path):
+    from ddm_ray.data.parquet import read_split
+
+    ints = np.array([[0, 3, 2**24 + 1], [255, 7, 1]], dtype=np.int64)
+    floats = np.array([[0.1, 1e-8, 3.3333333333], [2.5, -1.0, 7.0]], dtype=np.float64)
+    for name, x in (("ints", ints), ("floats", floats)):
+        p = _write(tmp_path / f"{name}.parquet", pa.table({"x": [r.tolist() for r in x], "y": [0, 1]}))
+        c = read_split(p, {}, "x", "y", "id")
+        assert c.x.dtype == np.float32 and c.x.flags.writeable
+        np.testing.assert_array_equal(c.x, x.astype(np.float64).astype(np.float32))
+    imgs = _gray_images(3)
+    p = _write(tmp_path / "png.parquet", pa.table({"x": pa.array([_png(a) for a in imgs], pa.binary()), "y": [0, 1, 0]}))
+    c = read_split(p, {}, "x", "y", "id")
+    assert c.x.dtype == np.float32
+    np.testing.assert_array_equal(c.x, (imgs.reshape(3, -1) / 255.0).astype(np.float32))
+    ds = load_dataset(DataConfig())  # digits, built in
+    assert ds.x_train.dtype == torch.float32
+
+
+def test_images_decode_in_parallel_as_they_do_in_one_thread(tmp_path):
+    from ddm_ray.data.parquet import _PARALLEL_FROM, DECODE_THREADS, _decode_images
+
+    imgs = np.random.default_rng(3).integers(0, 256, size=(_PARALLEL_FROM + 60, 7, 5), dtype=np.uint8)
+    blobs = [_png(a) for a in imgs]
+    one, shape = _decode_images(blobs, "f.parquet", threads=1)
+    many, shape2 = _decode_images(blobs, "f.parquet", threads=max(2, DECODE_THREADS))
+    assert shape == shape2 == (1, 7, 5) and many.dtype == np.float32
+    np.testing.assert_array_equal(one, many)
+    np.testing.assert_array_equal(many, (imgs.reshape(len(imgs), -1) / 255.0).astype(np.float32))
+    # the first bad row in row order is the one named, however the threads ran
+    bad = list(blobs)
+    bad[_PARALLEL_FROM + 40] = b"not an image"
+    bad[_PARALLEL_FROM + 10] = _png(np.zeros((4, 4), np.uint8))
+    for threads in (1, 4):
+        with pytest.raises(InputError, match=rf"row {_PARALLEL_FROM + 10}: image of shape 1,4,4") as e:
+            _decode_images(bad, "f.parquet", threads=threads)
+        assert "\n" not in str(e.value)

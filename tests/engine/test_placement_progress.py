@@ -6,12 +6,13 @@ import io
 import logging
 import re
 
+import numpy as np
 import pytest
 
 from ddm_ray.config import DistillConfig, OnlineConfig, RunConfig
 from ddm_ray.distillation import plan_shards, split_range, unrolled_solver
 from ddm_ray.engine.placement import plan_placement
-from ddm_ray.engine.progress import Progress, configure_logging
+from ddm_ray.engine.progress import Progress, RateEstimate, configure_logging, eta_from_samples
 from ddm_ray.errors import ConfigError
 
 
@@ -94,7 +95,69 @@ def test_progress_names_the_stage_and_its_unit_and_slow_rates() -> None:
     with Progress(30, what="train", unit="epochs", logger=logger, tty=False, clock=lambda: t[0]) as p:
         t[0] = 10.0
         p.set(1)
-    assert lines == ["train: 1/30 epochs (3%), 0.1 epochs/s, ETA 04:50"]
+    assert lines == ["train: 1/30 epochs (3%), 0.1 epochs/s, ETA estimating"]  # one epoch: too early to say
+
+
+def _steady(times: list[float]) -> list[tuple[float, float]]:
+    """(timestamp, work done) samples: one unit of work finished at each time, from a start at 0."""
+    return [(0.0, 0.0), *((t, float(i + 1)) for i, t in enumerate(times))]
+
+
+def test_eta_is_exact_at_a_steady_rate_and_silent_until_warmed_up() -> None:
+    samples = _steady([1.0 * i for i in range(1, 31)])  # 1 unit/s, 30 in all
+    assert eta_from_samples(samples[:6], total=30) == pytest.approx(25.0)  # 5 done at t=5
+    assert eta_from_samples(samples[:3], total=30) is None  # 2 units: not yet
+    assert eta_from_samples(samples, total=30) == 0.0
+    fast = [(0.0, 0.0), (0.5, 100.0), (1.0, 200.0)]  # plenty of work, but under 2 s
+    assert eta_from_samples(fast, total=1000) is None
+    assert eta_from_samples([*fast, (2.0, 400.0)], total=1000) == pytest.approx(3.0)
+    assert eta_from_samples([(0.0, 0.0), (5.0, 0.0)], total=10) is None  # nothing done yet
+
+
+def test_a_slow_start_does_not_inflate_the_eta() -> None:
+    # the issue's case: a 30 s stage whose first unit took 10 s (start-up), then 1 s each
+    times = [10.0 + i for i in range(30)]
+    samples = _steady(times)
+    for k in range(3, 30):
+        truth = times[-1] - times[k - 1]
+        naive = (30 - k) / (k / times[k - 1])  # the session average: what the bar said before
+        eta = eta_from_samples(samples[: k + 1], total=30)
+        assert eta == pytest.approx(truth, rel=1e-6), k
+        assert naive > 1.3 * truth or k > 20
+
+
+def test_the_eta_follows_a_change_of_pace_and_rides_out_jitter() -> None:
+    # 20 units at 1/s, then 4 s each: within two time constants the rate is the new one
+    times = [float(i) for i in range(1, 21)]
+    times += [times[-1] + 4.0 * i for i in range(1, 31)]
+    samples = _steady(times)
+    rates = {}
+    for k in (20, 25, 35):
+        est = RateEstimate()
+        for (t0, d0), (t1, d1) in zip(samples[:k], samples[1 : k + 1], strict=True):
+            est = est.step(d1 - d0, t1 - t0)
+        rates[k] = est.rate()
+    assert rates[20] == pytest.approx(1.0) and 0.25 < rates[25] < rates[20]
+    assert rates[35] == pytest.approx(0.25, rel=0.3)
+    # alternating 1.5 s and 0.5 s intervals: after a few, the ETA stays within 10% (+1 s) of the
+    # truth and falls over every slow-fast pair
+    times = list(np.cumsum([0.5 if i % 2 else 1.5 for i in range(60)]))
+    samples = _steady(times)
+    etas = [eta_from_samples(samples[: k + 1], total=60) for k in range(8, 59)]
+    truths = [times[-1] - times[k - 1] for k in range(8, 59)]
+    assert all(abs(e - t) <= 0.1 * t + 1.0 for e, t in zip(etas, truths, strict=True))
+    assert all(etas[i + 2] < etas[i] for i in range(len(etas) - 2))
+
+
+def test_progress_says_the_smoothed_eta() -> None:
+    t = [0.0]
+    logger, lines = _capture("ddm_ray.test.progress_smooth")
+    with Progress(30, what="stage", unit="steps", logger=logger, interval_s=0, tty=False, clock=lambda: t[0]) as p:
+        for i in range(6):
+            t[0] = 10.0 + i  # start-up 10 s, then 1 s per step
+            p.update(1)
+    assert lines[1].endswith("ETA estimating") and lines[2].endswith("1.0 steps/s, ETA 00:27")
+    assert lines[-1] == "stage: 6/30 steps (20%), 1.0 steps/s, ETA 00:24"
 
 
 def test_progress_is_silent_when_its_logger_is_not_enabled() -> None:
