@@ -5,6 +5,7 @@ per block. An executor decides where `run_block` runs; the driver never holds th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,7 @@ from ddm_ray.core.online import (
 )
 from ddm_ray.core.synset import Synset
 from ddm_ray.errors import NonFiniteError
+from ddm_ray.store.lease import owner_guard
 from ddm_ray.store.run_store import RunStore, part_name
 
 
@@ -39,6 +41,7 @@ class OnlineJob:
     storage_options: dict[str, str] = field(default_factory=dict)
     online_batch: int | None = None  # None: chosen per worker from free device memory
     device: str = "cpu"
+    lease: dict[str, Any] | None = None  # the driver's lease token: parts are written only while it holds
 
 
 @dataclass(frozen=True)
@@ -122,5 +125,8 @@ def evaluate_block(job: OnlineJob, block: Block, weight: torch.Tensor, ctx: Onli
 def run_block(job: OnlineJob, block: Block, weight: torch.Tensor, ctx: OnlineContext | None = None) -> int:
     """Evaluate one block and write its Parquet part; returns the number of rows written."""
     table = evaluate_block(job, block, weight, ctx)
-    RunStore(job.store_url, job.storage_options).write_part(block.first, block.last, table)
+    store = RunStore(job.store_url, job.storage_options)
+    if job.lease is not None:
+        owner_guard(store, job.lease)
+    store.write_part(block.first, block.last, table, job.lease)
     return table.num_rows

@@ -31,7 +31,7 @@ from ddm_ray.distillation import DistillJob, Shard, distill_synsets
 from ddm_ray.errors import InputError, RunStateError
 from ddm_ray.offline import Offline, stability_of, test_index_table, train_and_units, units_table
 from ddm_ray.online_stage import Block, OnlineJob, online_batch_for
-from ddm_ray.store.lease import Lease, is_lease_file
+from ddm_ray.store.lease import Lease, LeaseLost, is_lease_file
 from ddm_ray.store.run_store import RunStore
 
 FORMAT_VERSION = 2  # 2: shared-pool synsets (artifacts/synset.pt), distillation pieces
@@ -118,12 +118,20 @@ class Run:
         self.distillation: dict[str, Any] = {}
         self.stability: dict[str, Any] | None = None
         self.part_records: dict[str, Any] = {}  # part name -> rows, sha256, bytes (once complete)
+        self.lease: Lease | None = None  # held while executing; its token fences every write
+        self._manifest_written = False
 
     def _stage(self, name: str, t0: float) -> None:
         self.timings[name] = round(time.perf_counter() - t0, 3)
         self.log(f"{name}: {self.timings[name]:.1f}s")
 
     def _write_manifest(self, status: str, counts: dict[str, int]) -> None:
+        if self._manifest_written:  # fencing: refused when another holder wrote it since this run did
+            current = self.store.read_json(RunStore.MANIFEST) if self.store.exists(RunStore.MANIFEST) else {}
+            token = current.get("lease") if isinstance(current, dict) else None
+            if self.lease is not None and (not isinstance(token, dict) or token.get("owner") != self.lease.owner):
+                raise LeaseLost(f"{self.store.url}: another run rewrote the manifest under its own lease; this run "
+                                "lost its lease and stops without writing more")
         self.manifest = {
             "format": FORMAT_VERSION,
             "status": status,
@@ -136,6 +144,7 @@ class Run:
             "timings_seconds": self.timings,
             "counts": counts,
             "parts": self.part_records,
+            "lease": None if self.lease is None else self.lease.token,
             "distillation": self.distillation,
             "stability": self.stability,
             "execution": {
@@ -147,6 +156,7 @@ class Run:
             },
         }
         self.store.write_json(RunStore.MANIFEST, self.manifest)
+        self._manifest_written = True
 
     def _load(self) -> Dataset:
         """Load and check the data before anything is written to the output folder."""
@@ -238,8 +248,13 @@ class Run:
 
     def execute(self, n_shards: int = 1) -> dict[str, Any]:
         """The whole run, holding the output folder's lease (a second writer is refused)."""
-        with Lease(self.store, log=self.log):
-            return self._execute(n_shards)
+        with Lease(self.store, ttl_s=self.exe.lease_ttl_s, log=self.log) as lease:
+            self.lease = lease
+            lease.guard(self.store)  # every write first checks the lease is still this run's
+            try:
+                return self._execute(n_shards)
+            finally:
+                self.store.guard = None
 
     def _execute(self, n_shards: int) -> dict[str, Any]:
         t_all = time.perf_counter()
@@ -294,7 +309,7 @@ class Run:
         job = OnlineJob(
             self.cfg, off.dataset.input_shape, off.dataset.num_classes, off.traj.final,
             off.dataset.x_test, off.dataset.y_test, syn.x, syn.label, self.store.url, self.exe.storage_options,
-            online_batch=self.exe.online_batch,
+            online_batch=self.exe.online_batch, lease=None if self.lease is None else self.lease.token,
         )
         if self.online_batch is None and n_units:
             # what a worker on this machine's device picks (GPU workers size from their own memory)
