@@ -393,6 +393,8 @@ class ExecConfig:
     storage_options: dict[str, str] = opt(help="", flag="", factory=dict)
     connect_timeout_s: float = opt(30.0, "seconds to wait for --address / RAY_ADDRESS to answer",
                                    flag="connect-timeout", advanced=True)
+    lease_ttl_s: float = opt(60.0, "seconds the folder's lease outlives this run's last heartbeat before another "
+                             "run may take it over", flag="lease-ttl", advanced=True)
 
     def block_size(self, method: str) -> int:
         """Units per block (task and Parquet part): --block-units, else 64 for DDM's online
@@ -408,6 +410,8 @@ class ExecConfig:
         _check(self.num_cpus is None or 1 <= self.num_cpus <= MAX_CPUS, f"num cpus must be in [1, {MAX_CPUS}]")
         _check(math.isfinite(self.connect_timeout_s) and 0 < self.connect_timeout_s <= 86_400,
                "connect timeout must be in (0, 86400] seconds")
+        _check(math.isfinite(self.lease_ttl_s) and 1 <= self.lease_ttl_s <= 86_400,
+               "lease ttl must be in [1, 86400] seconds")
 
 
 _BASIS_ONLY = ("target", "target_solver", "probe_samples", "probe_pool", "probe_rank", "unrolled_rank", "probe_energy",

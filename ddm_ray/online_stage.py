@@ -9,6 +9,7 @@ the same rows (`rows_table`) into the same parts, so resume and every reader tre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,7 @@ from ddm_ray.core.online import (
 from ddm_ray.core.synset import Synset, pool_gradients
 from ddm_ray.core.training import retrain_without
 from ddm_ray.errors import NonFiniteError
+from ddm_ray.store.lease import owner_guard
 from ddm_ray.store.run_store import RunStore, part_name
 
 
@@ -45,6 +47,7 @@ class OnlineJob:
     storage_options: dict[str, str] = field(default_factory=dict)
     online_batch: int | None = None  # None: chosen per worker from free device memory
     device: str = "cpu"
+    lease: dict[str, Any] | None = None  # the driver's lease token: parts are written only while it holds
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,7 @@ class ExactJob:
     store_url: str
     storage_options: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
+    lease: dict[str, Any] | None = None  # the driver's lease token: parts are written only while it holds
 
 
 @dataclass
@@ -229,5 +233,8 @@ def run_block(
         if weight is None:
             raise ValueError(f"online block {block.part} needs its synset weight rows")
         table = evaluate_block(job, block, weight, ctx if isinstance(ctx, OnlineContext) else None)
-    RunStore(job.store_url, job.storage_options).write_part(block.first, block.last, table)
+    store = RunStore(job.store_url, job.storage_options)
+    if job.lease is not None:
+        owner_guard(store, job.lease)
+    store.write_part(block.first, block.last, table, job.lease)
     return table.num_rows

@@ -34,7 +34,7 @@ from ddm_ray.distillation import DistillJob, Shard, distill_synsets
 from ddm_ray.errors import InputError, RunStateError
 from ddm_ray.offline import Offline, stability_of, test_index_table, train_and_units, units_table
 from ddm_ray.online_stage import Block, ExactJob, OnlineJob, online_batch_for
-from ddm_ray.store.lease import Lease, is_lease_file
+from ddm_ray.store.lease import Lease, LeaseLost, is_lease_file
 from ddm_ray.store.run_store import RunStore
 
 FORMAT_VERSION = 2  # 2: shared-pool synsets (artifacts/synset.pt), distillation pieces
@@ -125,12 +125,20 @@ class Run:
         self.stability: dict[str, Any] | None = None
         self.cost_estimate: dict[str, Any] | None = None
         self.part_records: dict[str, Any] = {}  # part name -> rows, sha256, bytes (once complete)
+        self.lease: Lease | None = None  # held while executing; its token fences every write
+        self._manifest_written = False
 
     def _stage(self, name: str, t0: float) -> None:
         self.timings[name] = round(time.perf_counter() - t0, 3)
         self.log(f"{name}: {self.timings[name]:.1f}s")
 
     def _write_manifest(self, status: str, counts: dict[str, int]) -> None:
+        if self._manifest_written:  # fencing: refused when another holder wrote it since this run did
+            current = self.store.read_json(RunStore.MANIFEST) if self.store.exists(RunStore.MANIFEST) else {}
+            token = current.get("lease") if isinstance(current, dict) else None
+            if self.lease is not None and (not isinstance(token, dict) or token.get("owner") != self.lease.owner):
+                raise LeaseLost(f"{self.store.url}: another run rewrote the manifest under its own lease; this run "
+                                "lost its lease and stops without writing more")
         self.manifest = {
             "format": FORMAT_VERSION,
             "status": status,
@@ -144,6 +152,7 @@ class Run:
             "timings_seconds": self.timings,
             "counts": counts,
             "parts": self.part_records,
+            "lease": None if self.lease is None else self.lease.token,
             "distillation": self.distillation,
             "stability": self.stability,
             "cost_estimate": self.cost_estimate,
@@ -157,6 +166,7 @@ class Run:
             },
         }
         self.store.write_json(RunStore.MANIFEST, self.manifest)
+        self._manifest_written = True
 
     def _load(self) -> Dataset:
         """Load and check the data before anything is written to the output folder."""
@@ -306,8 +316,13 @@ class Run:
 
     def execute(self, n_shards: int = 1) -> dict[str, Any]:
         """The whole run, holding the output folder's lease (a second writer is refused)."""
-        with Lease(self.store, log=self.log):
-            return self._execute(n_shards)
+        with Lease(self.store, ttl_s=self.exe.lease_ttl_s, log=self.log) as lease:
+            self.lease = lease
+            lease.guard(self.store)  # every write first checks the lease is still this run's
+            try:
+                return self._execute(n_shards)
+            finally:
+                self.store.guard = None
 
     def _execute(self, n_shards: int) -> dict[str, Any]:
         t_all = time.perf_counter()
@@ -360,14 +375,14 @@ class Run:
             job = ExactJob(
                 self.cfg, dataset.input_shape, dataset.num_classes, off.params0, off.traj.final,
                 dataset.x_train, dataset.y_train, off.units.unit_of, dataset.x_test, dataset.y_test,
-                self.store.url, self.exe.storage_options,
+                self.store.url, self.exe.storage_options, lease=None if self.lease is None else self.lease.token,
             )
         else:
             syn = self._synsets(off, resume, n_shards)
             job = OnlineJob(
                 self.cfg, off.dataset.input_shape, off.dataset.num_classes, off.traj.final,
                 off.dataset.x_test, off.dataset.y_test, syn.x, syn.label, self.store.url, self.exe.storage_options,
-                online_batch=self.exe.online_batch,
+                online_batch=self.exe.online_batch, lease=None if self.lease is None else self.lease.token,
             )
         names = self.cfg.online.objectives
         bs = self.exe.block_size(method)

@@ -76,6 +76,9 @@ def run_with_engine(
         try:
             return Run(cfg, exe, out, executor, log=log, progress=bar).execute(n_shards=placement.actors)
         except ray.exceptions.RayError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, DDMError):  # a task's own one-line error (a lost lease, NaN rows): as it is
+                raise type(cause)(str(cause)) from None
             raise EngineError(f"Ray execution failed ({brief(e)}); rerun with --resume to finish") from None
         finally:
             executor.release()

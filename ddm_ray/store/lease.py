@@ -11,6 +11,15 @@ proceed only if it is still ours (object stores give read-after-write consistenc
 that both wrote, exactly one reads its own owner back). Local folders create the file exclusively
 and whole (a complete temporary file hard-linked to the lease name).
 
+Fencing: a holder stalled past its ttl (SIGSTOP, a VM pause, a long GC, a network partition)
+may find its lease taken over when it continues. So every write and removal through the run's
+store, and every heartbeat, first checks that the lease still names this holder (`Lease.check`,
+`owner_guard` for workers), and a holder that lost it stops with one line (`LeaseLost`) instead
+of writing beside the taker. The holder's token (owner, generation) is recorded in every part's
+checksum record and in the manifest; a manifest rewritten under another token since this run
+last wrote it is refused. Only a lease this run still holds is released. What remains is the
+window between a check and the write it guards (no conditional writes are used).
+
 A `lease.json` that is not a lease (another tool's, or the user's own file) is refused with one
 line and never taken over or removed; an empty or half-written lease of our format (a holder
 killed between creating and writing it, as older versions could leave) is stale.
@@ -55,7 +64,9 @@ def parse_lease(raw: bytes, where: str) -> dict[str, Any]:
             return STALE
     if isinstance(rec, dict) and all(
         isinstance(rec.get(k), t) and not isinstance(rec.get(k), bool) for k, t in _FIELDS.items()
-    ) and all(math.isfinite(float(rec[k])) for k in ("heartbeat", "ttl_s")):
+    ) and all(math.isfinite(float(rec[k])) for k in ("heartbeat", "ttl_s")) and (
+        isinstance(rec.get("generation", 0), int) and not isinstance(rec.get("generation"), bool)
+    ):
         return rec
     raise RunStateError(
         f"{where} is not a ddm-ray lease (expected the fields {', '.join(_FIELDS)}); it is not ours to take over "
@@ -86,19 +97,68 @@ def _holder_gone(held: dict[str, Any]) -> bool:
     return False
 
 
+class LeaseLost(RunStateError):
+    """Another run took this run's lease over (it was stalled past the ttl): stop writing."""
+
+
+def owner_guard(store: Any, token: dict[str, Any]) -> None:
+    """Fence `store` (a worker's view of the run folder) with the driver's lease token: every
+    write and removal other than of the lease first checks that the lease still names its owner."""
+
+    def guard(rel: str) -> None:
+        if is_lease_file(rel.rsplit("/", 1)[-1]):
+            return
+        raw = store.read_bytes(LEASE) if store.exists(LEASE) else b""
+        try:
+            held = parse_lease(raw, f"{store.url}/{LEASE}")
+        except RunStateError:
+            held = STALE
+        if held is STALE or held.get("owner") != token["owner"]:
+            raise LeaseLost(f"{store.url}: this run lost its lease to another run (pid {held.get('pid')} on "
+                            f"{held.get('host')}); stopping without writing more (that run finishes the folder)")
+
+    store.guard = guard
+
+
 class Lease:
     """Hold `store`'s folder for this process (use as a context manager)."""
 
     def __init__(self, store: Any, ttl_s: float = 60.0, settle_s: float = 1.0, log: Any = None) -> None:
         self.store, self.ttl_s, self.settle_s = store, ttl_s, settle_s
-        self.owner = uuid.uuid4().hex
+        self.owner = uuid.uuid4().hex  # the fencing token: unique to this holding
+        self.generation = 1  # one more than the lease taken over (for people reading lease.json)
         self.log = log or (lambda msg: None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost: str | None = None  # why the lease is no longer ours, once a check found out
+        self._guarded = False
 
     def _record(self) -> dict[str, Any]:
         return {"owner": self.owner, "pid": os.getpid(), "host": socket.gethostname(),
-                "heartbeat": time.time(), "ttl_s": self.ttl_s}
+                "heartbeat": time.time(), "ttl_s": self.ttl_s, "generation": self.generation}
+
+    @property
+    def token(self) -> dict[str, Any]:
+        """What every part record and the manifest carry: who wrote them, under which holding."""
+        return {"owner": self.owner, "generation": self.generation}
+
+    def check(self) -> None:
+        """Before every write and every heartbeat: LeaseLost (one line) unless the lease is still
+        ours. A holder stalled past its ttl (SIGSTOP, a VM pause, a partition) whose lease another
+        run took over stops here instead of writing beside that run."""
+        if self.lost is None:
+            held = self._read_quietly()
+            if held is None or held is STALE or held.get("owner") != self.owner:
+                other = held if isinstance(held, dict) and held is not STALE else {}
+                self.lost = (f"{self.store.url}: this run lost its lease to another run (pid {other.get('pid')} on "
+                             f"{other.get('host')}), which took it over while this one was stalled past the "
+                             f"{self.ttl_s:g}s lease; stopping without writing more (that run finishes the folder)")
+        if self.lost is not None:
+            raise LeaseLost(self.lost)
+
+    def guard(self, store: Any) -> None:
+        """Make every write and removal through `store` (other than of the lease) check first."""
+        store.guard = lambda rel: None if is_lease_file(rel.rsplit("/", 1)[-1]) else self.check()
 
     def _read(self) -> dict[str, Any] | None:
         """The lease held now: None when there is none; STALE for an empty or half-written lease
@@ -151,6 +211,7 @@ class Lease:
         if held is STALE:
             self.log("taking over an empty or half-written lease (its holder was killed while creating it)")
         elif held is not None and held.get("owner") != self.owner:
+            self.generation = int(held.get("generation", 0)) + 1
             age = time.time() - float(held["heartbeat"])
             if age < float(held["ttl_s"]) and not _holder_gone(held):
                 raise RunStateError(
@@ -176,7 +237,10 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
+                self.check()
                 self.store.write_json(LEASE, self._record())
+            except LeaseLost:
+                return  # never renew a lease another run holds; the next write stops this run
             except StorageError:
                 pass  # transient; the next beat retries well within the ttl
 
@@ -187,8 +251,8 @@ class Lease:
             self._thread = None
         try:
             held = self._read_quietly()
-            if held is not None and held is not STALE and held.get("owner") == self.owner:
-                self.store.remove(LEASE)
+            if self.lost is None and held is not None and held is not STALE and held.get("owner") == self.owner:
+                self.store.remove(LEASE)  # release only a lease this run still holds
         except StorageError:
             pass  # best effort: an unremoved lease expires after its ttl
 

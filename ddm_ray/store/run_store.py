@@ -21,7 +21,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -82,6 +82,9 @@ class RunStore:
             raise ConfigError(f"{url or repr(url)}: the root of a file system or store cannot be a run folder; "
                               "choose a folder below it")
         self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        # called with the relative name before every write and removal: a lease's ownership check
+        # (`store.lease`), so that a run that lost its lease stops instead of writing
+        self.guard: Callable[[str], None] | None = None
 
     @property
     def local(self) -> bool:
@@ -93,6 +96,8 @@ class RunStore:
         return join(self.root, *parts)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.guard is not None:
+            self.guard(rel)
         dest = self.path(rel)
         try:
             parent = dest.rsplit("/", 1)[0]
@@ -144,6 +149,8 @@ class RunStore:
             raise StorageError(f"cannot list {self.url}/{rel}: {brief(e)}") from None
 
     def remove(self, rel: str) -> None:
+        if self.guard is not None:
+            self.guard(rel)
         try:
             if self.fs.exists(self.path(rel)):
                 self.fs.rm(self.path(rel), recursive=True)
@@ -204,14 +211,18 @@ class RunStore:
 
     CHECKSUMS = "checksums"
 
-    def write_part(self, first_unit: int, last_unit: int, table: pa.Table) -> dict[str, Any]:
-        """Write a part, then its record (rows, sha256, bytes) beside it in checksums/: a part
-        without a record is unfinished, and a part whose bytes do not match it is damaged."""
+    def write_part(
+        self, first_unit: int, last_unit: int, table: pa.Table, lease: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Write a part, then its record (rows, sha256, bytes, and the lease token of the run that
+        wrote it) beside it in checksums/: a part without a record is unfinished, and a part whose
+        bytes do not match it is damaged."""
         name = part_name(first_unit, last_unit)
         buf = io.BytesIO()
         pq.write_table(table.cast(ATTRIBUTION_SCHEMA), buf, compression="snappy")
         data = buf.getvalue()
-        record = {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        record = {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                  **({"lease": lease} if lease else {})}
         self.write_bytes(f"{self.ATTRIBUTION}/{name}", data)
         self.write_json(f"{self.CHECKSUMS}/{name}.json", record)
         return record

@@ -49,8 +49,13 @@ def test_every_stage_reports_progress_and_quiet_prints_none(tmp_path, tiny_parqu
         # --quiet: warnings only (this tiny run is below DDM's break-even number of units)
         quiet = capsys.readouterr().err.splitlines()
         assert all("] warning: " in x for x in quiet) and any("--method exact" in x for x in quiet), quiet
-        assert main(["validate", "--out", str(tmp_path / "quiet"), "--units", "2", "--engine", "local", "--quiet"]) == 0
+        assert main(["validate", "--out", str(tmp_path / "quiet"), "--train", tr, "--test", te, "--units", "2",
+                     "--engine", "local", "--quiet"]) == 0
         assert capsys.readouterr().err == ""
+        # without the caller's data, the one line naming the manifest's locations shows under --quiet too
+        assert main(["validate", "--out", str(tmp_path / "quiet"), "--units", "2", "--engine", "local", "--quiet"]) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "reading the run's data from the locations its manifest records" in err[0], err
     finally:
         configure_logging(logging.WARNING)
 

@@ -161,3 +161,77 @@ def test_a_local_lease_is_never_seen_half_written(tmp_path):
     with Lease(store, ttl_s=30, settle_s=0.1) as lease:
         assert json.loads(store.read_bytes(LEASE))["owner"] == lease.owner
         assert store.list("") == [LEASE]
+
+
+FENCE_RUN = ["run", "--engine", "local", "--quiet", "--max-train", "300", "--max-test", "60", "--epochs", "2",
+             "--clusters-per-class", "2", "--hidden", "16", "--distill-steps", "5", "--block-units", "2",
+             "--lease-ttl", "2"]
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_stalled_holder_and_its_taker_exactly_one_completes(tmp_path, where, request):
+    """A holder stopped (SIGSTOP) past its lease's ttl, a taker that resumes the folder, then the
+    holder continued (SIGCONT): the holder finds it lost the lease before its next write and stops
+    with one line; the taker completes; the lease is released once, by the run that holds it."""
+    import signal
+
+    from ddm_ray.engine import faults
+
+    url = str(tmp_path / "run") if where == "local" else request.getfixturevalue("s3_url") + "-fence"
+    store = _store(url)
+    env = {**os.environ, faults.DELAY_ENV: "0.6", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop(faults.FAULTS_DIR_ENV, None)
+
+    def start(*extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "ddm_ray.cli", *FENCE_RUN, "--out", url, *extra], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def holder_pid() -> int | None:
+        try:
+            return int(json.loads(store.read_bytes(LEASE))["pid"])
+        except Exception:  # noqa: BLE001 - absent or being replaced
+            return None
+
+    def written_by(generation: int) -> set[str]:
+        recs = {n: store.part_record(n) for n in store.parts()}
+        return {n for n, r in recs.items() if r and r.get("lease", {}).get("generation") == generation}
+
+    a = start()
+    b = None
+    try:
+        _wait(lambda: a.poll() is not None or any(store.part_record(n) for n in store.parts()), 240, "a first part")
+        assert a.poll() is None, a.communicate()[1][-2000:]
+        os.kill(a.pid, signal.SIGSTOP)
+        time.sleep(3)  # past the 2 s ttl: the lease is stale
+        b = start("--resume")
+        _wait(lambda: b.poll() is not None or holder_pid() == b.pid, 120, "the taker to hold the lease")
+        assert b.poll() is None, b.communicate()[1][-2000:]
+        before = written_by(1)  # the parts the stopped holder had finished
+        os.kill(a.pid, signal.SIGCONT)
+        ra, (_, err_a) = a.wait(timeout=120), a.communicate()
+        rb, (_, err_b) = b.wait(timeout=240), b.communicate()
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+                p.wait()
+    assert rb == 0, err_b[-2000:]
+    lines = err_a.strip().splitlines()
+    assert ra == 2 and len(lines) == 1 and "lost its lease" in lines[0], err_a[-2000:]
+    m = store.read_json("manifest.json")
+    assert m["status"] == "complete" and m["counts"]["rows"] == 60
+    assert not store.exists(LEASE)
+    assert m["lease"]["generation"] == 2 and set(m["parts"]) == set(store.parts())
+    assert written_by(1) <= before, "the continued holder wrote no part after losing its lease"
+    assert written_by(2) and written_by(1) | written_by(2) == set(store.parts())
