@@ -404,3 +404,12 @@ def test_run_prints_next_steps_with_its_path_and_they_work(tmp_path, tiny_parque
     remote = next_steps(a, ExecConfig())
     assert remote[1].startswith("  ddm-ray validate s3://bucket/runs/a --storage-option endpoint_url=http://h:9  ")
     assert "ddm-ray report s3://bucket/runs/a --report-out ./report --storage-option endpoint_url=http://h:9" in remote[3]
+
+
+def test_a_missing_local_input_fails_before_anything_starts(tmp_path, tiny_parquet, capsys):
+    out = tmp_path / "never"
+    rc = main(["run", "--dataset", "parquet", "--train", tiny_parquet[0], "--test", str(tmp_path / "missing.parquet"),
+               "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "missing.parquet: no such file" in err[0], err
+    assert not out.exists()  # no run folder, no lease, no Ray runtime: refused before any of them
