@@ -101,13 +101,19 @@ def pool_gradients_for(job: OnlineJob, ctx: OnlineContext) -> torch.Tensor | Non
         return pool_gradients(ctx.net, ctx.final, ctx.pool_x, ctx.pool_label)
 
 
-def online_context(job: OnlineJob) -> OnlineContext:
+def _on_device(job: OnlineJob | ExactJob) -> tuple[Network, Params, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(network, final weights, x_test, y_test, base objectives) on the job's device."""
     dev = torch.device(job.device)
     net = Network(job.cfg.model, job.input_shape, job.num_classes)
     net.module.to(dev)
     final = {k: v.to(dev) for k, v in job.final.items()}
     x_test, y_test = job.x_test.to(dev), job.y_test.to(dev)
-    base = base_objectives(net, final, x_test, y_test, job.cfg.online.objectives)
+    return net, final, x_test, y_test, base_objectives(net, final, x_test, y_test, job.cfg.online.objectives)
+
+
+def online_context(job: OnlineJob) -> OnlineContext:
+    net, final, x_test, y_test, base = _on_device(job)
+    dev = torch.device(job.device)
     return OnlineContext(net, final, x_test, y_test, job.pool_x.to(dev), job.pool_label.to(dev), base)
 
 
@@ -184,12 +190,8 @@ class ExactContext:
 
 
 def exact_context(job: ExactJob) -> ExactContext:
+    net, _final, x_test, y_test, base = _on_device(job)
     dev = torch.device(job.device)
-    net = Network(job.cfg.model, job.input_shape, job.num_classes)
-    net.module.to(dev)
-    final = {k: v.to(dev) for k, v in job.final.items()}
-    x_test, y_test = job.x_test.to(dev), job.y_test.to(dev)
-    base = base_objectives(net, final, x_test, y_test, job.cfg.online.objectives)
     return ExactContext(net, {k: v.to(dev) for k, v in job.params0.items()}, job.x_train.to(dev),
                         job.y_train.to(dev), x_test, y_test, base)
 
