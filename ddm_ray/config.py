@@ -22,6 +22,7 @@ OBJECTIVES = ("loss", "margin", "correct")
 DISTILL_METHODS = ("basis", "soft_label", "literal")
 TARGETS = ("unrolled", "influence", "blend")
 PROBE_POOLS = ("test", "train", "both")
+CURVATURES = ("auto", "hessian", "ggn")
 TARGET_SOLVERS = ("auto", "adjoint", "forward")
 UNIT_FEATURES = ("input", "penultimate")
 METHODS = ("ddm", "exact")
@@ -183,7 +184,9 @@ class DistillConfig:
         adjoint's directions and on the rest) that bring the target closest to V^T D of
         `calibration_units` seeded units retrained exactly (`core.targets.fit_target`).
     The unrolled target's adjoint runs on the `unrolled_rank` leading directions only (its cost
-    is one fused pass per direction and training step); the influence target covers all k.
+    is one fused pass per direction and training step); the influence target covers all k. Its
+    curvature (`curvature`) is the Hessian over every training sample, or the Gauss-Newton matrix
+    (for cross-entropy, the Fisher) on `curvature_samples` of them, from per-sample gradients.
     """
 
     method: str = opt("basis", "basis (default) | soft_label | literal", flag="distill-method", choices=DISTILL_METHODS,
@@ -198,13 +201,20 @@ class DistillConfig:
                           advanced=True)
     probe_rank: int = opt(256, "basis: most probe subspace directions k", advanced=True)
     unrolled_rank: int | None = opt(None, "basis: the unrolled target (adjoint) runs on this many leading "
-                                    "directions, the influence target covers the rest (default: all of them "
-                                    "for a model without convolutions, 32 with them: a vmapped convolution "
-                                    "costs about 2 training steps per direction)", advanced=True)
+                                    "directions, the influence target covers the rest; 0: no adjoint (default: "
+                                    "all of them for a model without convolutions, none with them: a vmapped "
+                                    "convolution costs about 2 training steps per direction and step, and on "
+                                    "the digits ConvNet the adjoint moved Pearson by 0.01)", advanced=True)
     probe_energy: float | None = opt(0.999, "basis: fewer directions when they hold this share of the probe "
                                      "gradients' energy (default 0.999; none: always probe_rank)", advanced=True)
     probe_norm: float = opt(0.5, "basis: probe gradients divided by their norm ** this", advanced=True)
     ridge: float = opt(1e-3, "basis: shrinkage of weak probe directions (x largest)", flag="basis-ridge", advanced=True)
+    curvature: str = opt("auto", "influence: the curvature projected on the subspace: hessian (all training "
+                         "samples) | ggn (the Gauss-Newton / Fisher matrix on --curvature-samples samples: per-sample "
+                         "gradients, no Hessian-vector products) | auto (ggn for a model with convolutions, hessian "
+                         "otherwise)", choices=CURVATURES, advanced=True)
+    curvature_samples: int = opt(512, "influence: seeded training samples the ggn curvature is estimated on",
+                                 advanced=True)
     influence_damping: float = opt(0.005, "influence: damping relative to the largest curvature", advanced=True)
     blend_weight: float | None = opt(None, "blend: weight of the unrolled target (default: the targets' lengths "
                                      "fitted on exact retrainings)", advanced=True)
@@ -229,7 +239,9 @@ class DistillConfig:
         _check(self.unroll_epochs is None or 1 <= self.unroll_epochs <= 100_000, "unroll epochs must be in [1, 100000]")
         _check(1 <= self.probe_samples <= 65536, "probe samples must be in [1, 65536]")
         _check(1 <= self.probe_rank <= 4096, "probe rank must be in [1, 4096]")
-        _check(self.unrolled_rank is None or 1 <= self.unrolled_rank <= 4096, "unrolled rank must be in [1, 4096]")
+        _check(self.unrolled_rank is None or 0 <= self.unrolled_rank <= 4096, "unrolled rank must be in [0, 4096]")
+        _check(self.curvature in CURVATURES, f"curvature must be one of {CURVATURES}")
+        _check(1 <= self.curvature_samples <= 1_000_000, "curvature samples must be in [1, 1000000]")
         _check(math.isfinite(self.probe_norm) and 0 <= self.probe_norm <= 16, "probe norm must be in [0, 16]")
         _check(self.probe_pool in PROBE_POOLS, f"probe pool must be one of {PROBE_POOLS}")
         _check(self.probe_energy is None or 0 < self.probe_energy <= 1, "probe energy must be in (0, 1]")
@@ -415,7 +427,7 @@ class ExecConfig:
 
 
 _BASIS_ONLY = ("target", "target_solver", "probe_samples", "probe_pool", "probe_rank", "unrolled_rank", "probe_energy",
-               "probe_norm", "ridge", "influence_damping", "blend_weight", "calibration_units", "unroll_epochs")
+               "probe_norm", "ridge", "curvature", "curvature_samples", "influence_damping", "blend_weight", "calibration_units", "unroll_epochs")
 _MATCHING_ONLY = ("ipc", "steps", "lr", "max_gap")
 
 
@@ -443,6 +455,8 @@ def applicable_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
             drop["distill"].update(("blend_weight", "calibration_units"))
         if target == "influence":
             drop["distill"].update(("unrolled_rank", "target_solver", "unroll_epochs"))
+        if target == "unrolled":
+            drop["distill"].update(("curvature", "curvature_samples", "influence_damping"))
         if distill.get("blend_weight") is not None:
             drop["distill"].add("calibration_units")
     elif method is not None:

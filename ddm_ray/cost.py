@@ -41,7 +41,13 @@ from ddm_ray.core.adjoint import _hvp_and_directional
 from ddm_ray.core.models import Network, flatten
 from ddm_ray.core.probe import per_sample_grads
 from ddm_ray.core.training import batch_loss, sgd_step
-from ddm_ray.distillation import calibration_count, has_convolutions, unrolled_rank_for, unrolled_solver
+from ddm_ray.distillation import (
+    calibration_count,
+    curvature_for,
+    has_convolutions,
+    unrolled_rank_for,
+    unrolled_solver,
+)
 from ddm_ray.offline import Offline
 
 ADJOINT_CHUNK = 128  # the adjoint's vmap chunk of directions (`core.adjoint.adjoint_unrolled`)
@@ -108,7 +114,7 @@ def time_kernels(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str,
     g_fn = grad(lambda p, xs, ys, nom: batch_loss(net, p, xs, ys, nom))
     convs = has_convolutions(net)
     k, ku = subspace_ranks(cfg, int(ds.y_train.numel()), int(ds.y_test.numel()), n_params, convs)
-    r = ku if cfg.distill.target != "influence" else min(k, ADJOINT_CHUNK)
+    r = ku if cfg.distill.target != "influence" and ku > 0 else min(k, ADJOINT_CHUNK)
     a = torch.randn(r, n_params, generator=torch.Generator().manual_seed(0)).to(dev) / n_params**0.5
     b_state, c = torch.zeros_like(a), torch.zeros(b, r, device=dev)
     lr = cfg.train.lr
@@ -125,7 +131,8 @@ def time_kernels(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str,
         "per_sample_s": (lambda: per_sample_grads(net, theta, xb, yb), 1),
         "adjoint_step_s": (lambda: adjoint_step(r), 1),
     }, dev)
-    return {"batch": float(b), **t, "adjoint_directions": float(r), "convolutions": float(convs)}
+    return {"batch": float(b), **t, "adjoint_directions": float(r), "convolutions": float(convs),
+            "num_classes": float(ds.num_classes)}
 
 
 def break_even_units(distill_trainings: float) -> int:
@@ -151,13 +158,18 @@ def estimate_cost(
     adjoint_s = kernels["adjoint_step_s"]
     rate = adjoint_s / max(1.0, kernels["adjoint_directions"])  # one direction on one batch
     one = training_seconds(cfg, n_train, kernels)
-    k, ku = subspace_ranks(cfg, n_train, n_test, n_params, bool(kernels.get("convolutions", 0.0)))
+    convs = bool(kernels.get("convolutions", 0.0))
+    k, ku = subspace_ranks(cfg, n_train, n_test, n_params, convs)
     m = probe_count(cfg, n_train, n_test)
     seconds: dict[str, float] = {"subspace": math.ceil(m / t.batch_size) * ps_s}
     if d.target in ("influence", "blend"):
-        seconds["influence"] = spe * (k * rate + ps_s)
+        if curvature_for(d, convs) == "ggn":  # C per-sample-gradient passes over the curvature's samples
+            curv = int(kernels.get("num_classes", 10)) * math.ceil(min(d.curvature_samples, n_train) / t.batch_size) * ps_s
+        else:
+            curv = spe * k * rate
+        seconds["influence"] = curv + spe * ps_s
     solver = None
-    if d.target != "influence":
+    if d.target != "influence" and ku > 0:
         unrolled = t.epochs if d.unroll_epochs is None else min(d.unroll_epochs, t.epochs)
         solver = unrolled_solver(d.target_solver, n_units, ku)
         if solver == "adjoint":
@@ -166,7 +178,8 @@ def estimate_cost(
         else:
             seconds["unrolled"] = steps * step_s + unrolled * spe * (ps_s + (n_units + 1) * rate)
     if d.target == "blend" and d.blend_weight is None:
-        seconds["calibration"] = calibration_count(n_units, d.calibration_units) * steps * step_s
+        pieces = 3 if d.target != "influence" and ku > 0 else 1
+        seconds["calibration"] = calibration_count(n_units, d.calibration_units, pieces) * steps * step_s
     total = sum(seconds.values())
     trainings = total / one
     return {

@@ -7,17 +7,42 @@ import pytest
 
 from ddm_ray.config import DistillConfig, ModelConfig
 from ddm_ray.core.models import Network
-from ddm_ray.distillation import CONV_UNROLLED_RANK, calibration_units, unrolled_rank_of
+from ddm_ray.distillation import (
+    CONV_UNROLLED_RANK,
+    SCALE_CALIBRATION_UNITS,
+    calibration_count,
+    calibration_units,
+    curvature_of,
+    unrolled_rank_of,
+)
 
 
-def test_adjoint_covers_every_direction_of_an_mlp_and_a_few_of_a_convnet():
+def test_a_convnet_gets_the_gauss_newton_curvature_and_an_mlp_the_hessian():
+    mlp = Network(ModelConfig(arch="mlp"), (1, 8, 8), 10)
+    conv = Network(ModelConfig(arch="convnet"), (1, 8, 8), 10)
+    assert curvature_of(DistillConfig(), mlp) == "hessian"
+    assert curvature_of(DistillConfig(), conv) == "ggn"
+    assert curvature_of(DistillConfig(curvature="hessian"), conv) == "hessian"
+    assert curvature_of(DistillConfig(curvature="ggn"), mlp) == "ggn"
+
+
+def test_one_fitted_length_needs_only_a_few_calibration_units():
+    assert calibration_count(78, 16, pieces=3) == 16
+    assert calibration_count(78, 16, pieces=1) == SCALE_CALIBRATION_UNITS
+    assert calibration_count(6, 16, pieces=1) == 2  # still at most a quarter
+    # the smaller draw is a prefix-free subset of the same seeded permutation: deterministic
+    assert calibration_units(78, 16, 0, pieces=1) == calibration_units(78, 16, 0, pieces=1)
+
+
+def test_adjoint_covers_every_direction_of_an_mlp_and_none_of_a_convnet():
     mlp = Network(ModelConfig(arch="mlp"), (1, 8, 8), 10)
     conv = Network(ModelConfig(arch="convnet"), (1, 8, 8), 10)
     d = DistillConfig()
     assert d.unrolled_rank is None
     assert unrolled_rank_of(d, mlp, 245) == 245
     assert unrolled_rank_of(d, conv, 245) == CONV_UNROLLED_RANK
-    assert unrolled_rank_of(d, conv, 10) == 10  # never more than the subspace has
+    assert CONV_UNROLLED_RANK == 0
+    assert unrolled_rank_of(DistillConfig(unrolled_rank=32), conv, 10) == 10  # never more than the subspace has
     given = DistillConfig(unrolled_rank=64)
     assert unrolled_rank_of(given, mlp, 245) == 64 and unrolled_rank_of(given, conv, 245) == 64
 
