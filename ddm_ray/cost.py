@@ -114,7 +114,13 @@ def time_kernels(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str,
     g_fn = grad(lambda p, xs, ys, nom: batch_loss(net, p, xs, ys, nom))
     convs = has_convolutions(net)
     k, ku = subspace_ranks(cfg, int(ds.y_train.numel()), int(ds.y_test.numel()), n_params, convs)
-    r = ku if cfg.distill.target != "influence" and ku > 0 else min(k, ADJOINT_CHUNK)
+    if cfg.distill.target != "influence" and ku > 0:
+        r = ku  # the adjoint's own pass
+    elif curvature_for(cfg.distill, convs) == "hessian":
+        r = min(k, ADJOINT_CHUNK)  # the projected Hessian's HVPs run at the same rate per direction
+    else:
+        r = 2  # nothing runs HVPs (the Gauss-Newton curvature): a token pass, not the cost of a real one
+
     a = torch.randn(r, n_params, generator=torch.Generator().manual_seed(0)).to(dev) / n_params**0.5
     b_state, c = torch.zeros_like(a), torch.zeros(b, r, device=dev)
     lr = cfg.train.lr
