@@ -22,7 +22,7 @@ OBJECTIVES = ("loss", "margin", "correct")
 DISTILL_METHODS = ("basis", "soft_label", "literal")
 TARGETS = ("unrolled", "influence", "blend")
 PROBE_POOLS = ("test", "train", "both")
-CURVATURES = ("auto", "hessian", "ggn")
+CURVATURES = ("hessian", "ggn")
 TARGET_SOLVERS = ("auto", "adjoint", "forward")
 UNIT_FEATURES = ("input", "penultimate")
 METHODS = ("ddm", "exact")
@@ -202,17 +202,17 @@ class DistillConfig:
     probe_rank: int = opt(256, "basis: most probe subspace directions k", advanced=True)
     unrolled_rank: int | None = opt(None, "basis: the unrolled target (adjoint) runs on this many leading "
                                     "directions, the influence target covers the rest; 0: no adjoint (default: "
-                                    "all of them for a model without convolutions, none with them: a vmapped "
-                                    "convolution costs about 2 training steps per direction and step, and on "
-                                    "the digits ConvNet the adjoint moved Pearson by 0.01)", advanced=True)
+                                    "all of them for a model without convolutions, 32 with them: a vmapped "
+                                    "convolution costs about 2 training steps per direction and step)",
+                                    advanced=True)
     probe_energy: float | None = opt(0.999, "basis: fewer directions when they hold this share of the probe "
                                      "gradients' energy (default 0.999; none: always probe_rank)", advanced=True)
     probe_norm: float = opt(0.5, "basis: probe gradients divided by their norm ** this", advanced=True)
     ridge: float = opt(1e-3, "basis: shrinkage of weak probe directions (x largest)", flag="basis-ridge", advanced=True)
-    curvature: str = opt("auto", "influence: the curvature projected on the subspace: hessian (all training "
+    curvature: str = opt("hessian", "influence: the curvature projected on the subspace: hessian (all training "
                          "samples) | ggn (the Gauss-Newton / Fisher matrix on --curvature-samples samples: per-sample "
-                         "gradients, no Hessian-vector products) | auto (ggn for a model with convolutions, hessian "
-                         "otherwise)", choices=CURVATURES, advanced=True)
+                         "gradients, no Hessian-vector products; with --unrolled-rank 0 the cheap ConvNet recipe)",
+                         choices=CURVATURES, advanced=True)
     curvature_samples: int = opt(512, "influence: seeded training samples the ggn curvature is estimated on",
                                  advanced=True)
     influence_damping: float = opt(0.005, "influence: damping relative to the largest curvature", advanced=True)

@@ -17,11 +17,11 @@ from ddm_ray.distillation import (
 )
 
 
-def test_a_convnet_gets_the_gauss_newton_curvature_and_an_mlp_the_hessian():
+def test_the_hessian_is_the_default_curvature_and_the_gauss_newton_one_is_asked_for():
     mlp = Network(ModelConfig(arch="mlp"), (1, 8, 8), 10)
     conv = Network(ModelConfig(arch="convnet"), (1, 8, 8), 10)
     assert curvature_of(DistillConfig(), mlp) == "hessian"
-    assert curvature_of(DistillConfig(), conv) == "ggn"
+    assert curvature_of(DistillConfig(), conv) == "hessian"
     assert curvature_of(DistillConfig(curvature="hessian"), conv) == "hessian"
     assert curvature_of(DistillConfig(curvature="ggn"), mlp) == "ggn"
 
@@ -34,15 +34,15 @@ def test_one_fitted_length_needs_only_a_few_calibration_units():
     assert calibration_units(78, 16, 0, pieces=1) == calibration_units(78, 16, 0, pieces=1)
 
 
-def test_adjoint_covers_every_direction_of_an_mlp_and_none_of_a_convnet():
+def test_adjoint_covers_every_direction_of_an_mlp_and_a_few_of_a_convnet():
     mlp = Network(ModelConfig(arch="mlp"), (1, 8, 8), 10)
     conv = Network(ModelConfig(arch="convnet"), (1, 8, 8), 10)
     d = DistillConfig()
     assert d.unrolled_rank is None
     assert unrolled_rank_of(d, mlp, 245) == 245
     assert unrolled_rank_of(d, conv, 245) == CONV_UNROLLED_RANK
-    assert CONV_UNROLLED_RANK == 0
-    assert unrolled_rank_of(DistillConfig(unrolled_rank=32), conv, 10) == 10  # never more than the subspace has
+    assert unrolled_rank_of(d, conv, 10) == 10  # never more than the subspace has
+    assert unrolled_rank_of(DistillConfig(unrolled_rank=0), conv, 245) == 0  # no adjoint
     given = DistillConfig(unrolled_rank=64)
     assert unrolled_rank_of(given, mlp, 245) == 64 and unrolled_rank_of(given, conv, 245) == 64
 
