@@ -43,7 +43,7 @@ from ddm_ray.core.probe import per_sample_grads
 from ddm_ray.core.training import batch_loss, sgd_step
 from ddm_ray.distillation import (
     calibration_count,
-    curvature_for,
+    fitted_pieces,
     has_convolutions,
     unrolled_rank_for,
     unrolled_solver,
@@ -116,7 +116,7 @@ def time_kernels(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str,
     k, ku = subspace_ranks(cfg, int(ds.y_train.numel()), int(ds.y_test.numel()), n_params, convs)
     if cfg.distill.target != "influence" and ku > 0:
         r = ku  # the adjoint's own pass
-    elif curvature_for(cfg.distill, convs) == "hessian":
+    elif cfg.distill.curvature == "hessian":
         r = min(k, ADJOINT_CHUNK)  # the projected Hessian's HVPs run at the same rate per direction
     else:
         r = 2  # nothing runs HVPs (the Gauss-Newton curvature): a token pass, not the cost of a real one
@@ -169,7 +169,7 @@ def estimate_cost(
     m = probe_count(cfg, n_train, n_test)
     seconds: dict[str, float] = {"subspace": math.ceil(m / t.batch_size) * ps_s}
     if d.target in ("influence", "blend"):
-        if curvature_for(d, convs) == "ggn":  # C per-sample-gradient passes over the curvature's samples
+        if d.curvature == "ggn":  # C per-sample-gradient passes over the curvature's samples
             curv = int(kernels.get("num_classes", 10)) * math.ceil(min(d.curvature_samples, n_train) / t.batch_size) * ps_s
         else:
             curv = spe * k * rate
@@ -184,7 +184,7 @@ def estimate_cost(
         else:
             seconds["unrolled"] = steps * step_s + unrolled * spe * (ps_s + (n_units + 1) * rate)
     if d.target == "blend" and d.blend_weight is None:
-        pieces = 3 if d.target != "influence" and ku > 0 else 1
+        pieces = fitted_pieces(ku > 0)  # a blend target here: unrolled unless the adjoint has no directions
         seconds["calibration"] = calibration_count(n_units, d.calibration_units, pieces) * steps * step_s
     total = sum(seconds.values())
     trainings = total / one

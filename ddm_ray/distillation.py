@@ -203,7 +203,7 @@ def subspace_of(cfg: RunConfig, off: Offline, device: str = "cpu") -> dict[str, 
              "energy": torch.tensor(basis.energy)}
     if d.target in ("influence", "blend"):
         n = int(y.shape[0])
-        curv = curvature_of(d, net)
+        curv = d.curvature
         work = curvature_work(curv, n, basis.rank, ds.num_classes, d.curvature_samples)
         what = ("Hessian-vector products" if curv == "hessian" else "Gauss-Newton per-sample gradients")
         with Progress(work + n, what=f"distill: influence ({what}, then unit gradients)", unit="passes",
@@ -228,6 +228,12 @@ def _check_piece(key: str, piece: dict[str, torch.Tensor]) -> None:
 
 
 SCALE_CALIBRATION_UNITS = 4
+
+
+def fitted_pieces(has_unrolled: bool) -> int:
+    """How many lengths `calibrate_target` fits: 3 with an unrolled target (unrolled; influence on
+    the adjoint's directions; influence on the rest), 1 with the influence target alone."""
+    return 3 if has_unrolled else 1
 
 
 def calibration_units(num_units: int, n: int, seed: int, pieces: int = 3) -> list[int]:
@@ -273,20 +279,6 @@ def exact_loss_deltas(
 CONV_UNROLLED_RANK = 32
 
 
-def curvature_of(d: DistillConfig, net: Network) -> str:
-    """The influence target's curvature (`curvature`; the model does not change it)."""
-    return curvature_for(d, has_convolutions(net))
-
-
-def curvature_for(d: DistillConfig, convolutions: bool) -> str:
-    """`curvature_of` for a model that has (or has not) convolutions. The Hessian by default for
-    every model: the Gauss-Newton matrix on 512 samples with no adjoint made the digits ConvNet
-    cheap (8 trainings, Pearson 0.746) but a GroupNorm CNN on real MNIST unfaithful (0.26), so it
-    is an option, not a default."""
-    del convolutions
-    return d.curvature
-
-
 def unrolled_rank_of(d: DistillConfig, net: Network, rank: int) -> int:
     """How many leading directions of the rank-k subspace the adjoint runs on: `unrolled_rank`,
     or by default all k for a model without convolutions and CONV_UNROLLED_RANK with them: a
@@ -318,7 +310,7 @@ def calibrate_target(
     depends on the model and on how converged it is, so it is measured, not assumed."""
     d, ds = cfg.distill, off.dataset
     features = target_features(unrolled, influence, unrolled_rank_of(d, off.net, basis.rank))
-    units = calibration_units(off.units.num_units, d.calibration_units, d.seed, 3 if unrolled is not None else 1)
+    units = calibration_units(off.units.num_units, d.calibration_units, d.seed, fitted_pieces(unrolled is not None))
     exact, coords = call(exact_loss_deltas, cfg, off, units, basis.v)
     idx = torch.tensor(units)
     coef, c = fit_target(features, coords, idx)
@@ -388,7 +380,7 @@ def distill_synsets(
                          "solver": None if d.target == "influence" or urank == 0
                          else unrolled_solver(d.target_solver, off.units.num_units, urank)})
             if d.target != "unrolled":
-                info["curvature"] = curvature_of(d, off.net)
+                info["curvature"] = d.curvature
     log(memory_estimate(cfg, off, rank, shards) + f"; {len(shards)} shard(s)")
     have = {sh.key: got for sh in shards if (got := load(sh.key)) is not None}
     missing = [sh for sh in shards if sh.key not in have]
@@ -417,7 +409,7 @@ def distill_synsets(
         influence = None if pieces is None else influence_target(pieces, d.influence_damping)
         if d.target == "blend" and d.blend_weight is None and influence is not None:
             t0 = time.perf_counter()
-            n_cal = calibration_count(off.units.num_units, d.calibration_units, 3 if unrolled is not None else 1)
+            n_cal = calibration_count(off.units.num_units, d.calibration_units, fitted_pieces(unrolled is not None))
             log(f"distill: fitting the targets' lengths on {n_cal} exact retrainings")
             c, fitted = calibrate_target(cfg, off, basis, unrolled, influence, call)
             log(f"targets fitted on {n_cal} exact retrainings: {fitted['blend_fit']} "

@@ -12,18 +12,16 @@ from ddm_ray.distillation import (
     SCALE_CALIBRATION_UNITS,
     calibration_count,
     calibration_units,
-    curvature_of,
     unrolled_rank_of,
 )
+from ddm_ray.errors import ConfigError
 
 
 def test_the_hessian_is_the_default_curvature_and_the_gauss_newton_one_is_asked_for():
-    mlp = Network(ModelConfig(arch="mlp"), (1, 8, 8), 10)
-    conv = Network(ModelConfig(arch="convnet"), (1, 8, 8), 10)
-    assert curvature_of(DistillConfig(), mlp) == "hessian"
-    assert curvature_of(DistillConfig(), conv) == "hessian"
-    assert curvature_of(DistillConfig(curvature="hessian"), conv) == "hessian"
-    assert curvature_of(DistillConfig(curvature="ggn"), mlp) == "ggn"
+    assert DistillConfig().curvature == "hessian"  # for every model: distillation reads only this field
+    assert DistillConfig(curvature="ggn").curvature == "ggn"
+    with pytest.raises(ConfigError, match="curvature must be one of"):
+        DistillConfig(curvature="auto")
 
 
 def test_one_fitted_length_needs_only_a_few_calibration_units():
