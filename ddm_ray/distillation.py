@@ -40,6 +40,7 @@ from ddm_ray.core.targets import (
     target_features,
 )
 from ddm_ray.core.training import Trajectory, retrain_without
+from ddm_ray.data import Dataset
 from ddm_ray.engine.progress import Progress
 from ddm_ray.errors import NonFiniteError
 from ddm_ray.offline import Offline
@@ -227,6 +228,42 @@ def _check_piece(key: str, piece: dict[str, torch.Tensor]) -> None:
             raise NonFiniteError(f"distill: non-finite {name} in {key}; lower --lr or normalise the inputs")
 
 
+def _subspace_problem(state: dict[str, Any], target: str, n_params: int, ds: Dataset) -> str | None:
+    """A one-line reason when a reloaded subspace piece is not `subspace_of`'s for this model and
+    data (keys, shapes, finite values), else None."""
+    need = ("index", "v", "coef", "lam") + (("h", "g") if target in ("influence", "blend") else ())
+    missing = [k for k in need if not isinstance(state.get(k), torch.Tensor)]
+    if missing:
+        return f"no {', '.join(missing)}"
+    v, index = state["v"], state["index"]
+    if v.ndim != 2 or v.shape[0] != n_params or v.shape[1] < 1:
+        return f"directions of shape {tuple(v.shape)}, the model has {n_params} parameters"
+    n_train = int(ds.y_train.numel())
+    if index.dtype != torch.int64 or index.ndim != 1 or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < n_train):
+        return "probe indices do not fit the training data"
+    k = int(v.shape[1])
+    if "h" in state and (tuple(state["h"].shape) != (k, k) or state["g"].ndim != 2 or state["g"].shape[1] != k):
+        return "influence pieces do not fit the directions"
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"non-finite {name}"
+    return None
+
+
+def _shard_problem(sh: Shard, piece: dict[str, Any], num_units: int, urank: int) -> str | None:
+    """A one-line reason when a reloaded target shard does not have the shape `distill_shard`
+    gives it, else None (class shards are checked as synsets)."""
+    if sh.kind == "classes":
+        return None
+    c = piece.get("c")
+    want = (num_units, sh.hi - sh.lo) if sh.kind == "columns" else (sh.hi - sh.lo, urank)
+    if not isinstance(c, torch.Tensor) or tuple(c.shape) != want:
+        return f"no target of shape {want}"
+    if not bool(torch.isfinite(c).all()):
+        return "non-finite target"
+    return None
+
+
 SCALE_CALIBRATION_UNITS = 4
 
 
@@ -347,8 +384,12 @@ def distill_synsets(
     load = load or (lambda key: None)
     save = save or (lambda key, piece: None)
     basis = pieces = None
+    n_params = int(flatten(off.traj.final).numel())
     if d.method == "basis":
         state = load("subspace")
+        if state is not None and (problem := _subspace_problem(state, d.target, n_params, ds)) is not None:
+            log(f"resume: recomputing the probe subspace ({problem})")
+            state = None
         if state is None:
             t0 = time.perf_counter()
             log(f"distill: probe subspace (pool {d.probe_pool}, at most {d.probe_samples} samples per source, "
@@ -382,7 +423,14 @@ def distill_synsets(
             if d.target != "unrolled":
                 info["curvature"] = d.curvature
     log(memory_estimate(cfg, off, rank, shards) + f"; {len(shards)} shard(s)")
-    have = {sh.key: got for sh in shards if (got := load(sh.key)) is not None}
+    have = {}
+    for sh in shards:
+        if (got := load(sh.key)) is None:
+            continue
+        if (problem := _shard_problem(sh, got, off.units.num_units, urank)) is not None:
+            log(f"resume: recomputing distillation piece {sh.key} ({problem})")
+            continue
+        have[sh.key] = got
     missing = [sh for sh in shards if sh.key not in have]
     if missing:
         job = DistillJob(

@@ -38,5 +38,14 @@ class StorageError(DDMError):
     """Reading or writing the run's store failed."""
 
 
+class DamagedArtifactError(StorageError):
+    """A run artifact (model.pt, synset.pt, a distillation piece) is not a readable ddm-ray
+    artifact of the expected form: `--resume` recomputes it, readers refuse it in one line."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        super().__init__(f"{location}: damaged or not a ddm-ray artifact ({reason})")
+        self.reason = reason
+
+
 class NonFiniteError(DDMError):
     """Training, distillation or the online stage produced NaN or infinite values."""

@@ -38,6 +38,55 @@ class Offline:
     units: Units
 
 
+MODEL_KEYS = ("params0", "checkpoints", "steps_per_epoch", "unit_of", "unit_label")
+
+
+def model_state_problem(state: dict[str, Any], net: Network, n_train: int) -> str | None:
+    """A one-line reason when a loaded `artifacts/model.pt` (holding `MODEL_KEYS`) does not fit
+    this run's model and data, else None: every parameter set (params0, each checkpoint, each
+    velocity) has exactly the network's names and shapes and finite values, and unit_of is
+    (n_train,) with ids inside unit_label (U,)."""
+    shapes = {k: tuple(v.shape) for k, v in net.module.named_parameters()}
+
+    def params_problem(what: str, p: Any) -> str | None:
+        if not isinstance(p, dict) or not all(isinstance(v, torch.Tensor) for v in p.values()):
+            return f"{what} is not a set of named tensors"
+        got = {k: tuple(v.shape) for k, v in p.items()}
+        if got != shapes:
+            return f"{what} does not fit the model (names or shapes differ)"
+        if not all(bool(torch.isfinite(v).all()) for v in p.values()):
+            return f"{what} holds non-finite values"
+        return None
+
+    checkpoints, velocities = state["checkpoints"], state.get("velocities")
+    if not isinstance(checkpoints, list) or not checkpoints:
+        return "no checkpoints"
+    sets = [("params0", state["params0"])] + [(f"checkpoint {i}", c) for i, c in enumerate(checkpoints)]
+    if velocities is not None:
+        if not isinstance(velocities, list) or len(velocities) != len(checkpoints):
+            return "velocities do not match the checkpoints"
+        sets += [(f"velocity {i}", v) for i, v in enumerate(velocities)]
+    for what, p in sets:
+        if (problem := params_problem(what, p)) is not None:
+            return problem
+    steps, unit_of, label = state["steps_per_epoch"], state["unit_of"], state["unit_label"]
+    if not isinstance(steps, int | torch.Tensor) or int(steps) < 1:
+        return "steps_per_epoch is not a positive count"
+    if not (isinstance(unit_of, torch.Tensor) and isinstance(label, torch.Tensor)):
+        return "units are not tensors"
+    if unit_of.dtype != torch.int64 or tuple(unit_of.shape) != (n_train,):
+        return f"unit_of is not ({n_train},) int64: the data has {n_train} training samples"
+    if label.ndim != 1 or label.numel() < 1 or int(unit_of.min()) < 0 or int(unit_of.max()) >= label.numel():
+        return "unit ids do not fit the unit labels"
+    return None
+
+
+def offline_from_state(state: dict[str, Any], dataset: Dataset, net: Network) -> Offline:
+    """The `Offline` a checked `model.pt` state (`model_state_problem` is None) describes."""
+    traj = Trajectory(state["checkpoints"], int(state["steps_per_epoch"]), state.get("velocities"))
+    return Offline(dataset, net, state["params0"], traj, Units(unit_of=state["unit_of"], label=state["unit_label"]))
+
+
 def train_and_units(cfg: RunConfig, dataset: Dataset, device: str = "cpu") -> tuple[Params, Trajectory, Units]:
     """Train with a trajectory and split the classes into units, on `device`; CPU tensors out."""
     dev = torch.device(device)

@@ -25,14 +25,21 @@ import torch
 import ddm_ray
 from ddm_ray.config import ExecConfig, RunConfig, config_diff
 from ddm_ray.core.models import Network, flatten
-from ddm_ray.core.synset import Synset
-from ddm_ray.core.training import Trajectory
-from ddm_ray.core.units import Units
+from ddm_ray.core.synset import SYNSET_KEYS, Synset
 from ddm_ray.cost import break_even_units, cost_lines, estimate_cost, time_kernels
 from ddm_ray.data import Dataset, data_fingerprint, load_dataset
 from ddm_ray.distillation import DistillJob, Shard, distill_synsets
-from ddm_ray.errors import InputError, RunStateError
-from ddm_ray.offline import Offline, stability_of, test_index_table, train_and_units, units_table
+from ddm_ray.errors import DamagedArtifactError, InputError, RunStateError
+from ddm_ray.offline import (
+    MODEL_KEYS,
+    Offline,
+    model_state_problem,
+    offline_from_state,
+    stability_of,
+    test_index_table,
+    train_and_units,
+    units_table,
+)
 from ddm_ray.online_stage import Block, ExactJob, OnlineJob, online_batch_for
 from ddm_ray.store.lease import Lease, LeaseLost, is_lease_file
 from ddm_ray.store.run_store import RunStore
@@ -187,12 +194,16 @@ class Run:
 
     def _offline(self, dataset: Dataset, resume: bool) -> Offline:
         if resume and self.store.exists(RunStore.MODEL):
-            state = self.store.read_torch(RunStore.MODEL)
             net = Network(self.cfg.model, dataset.input_shape, dataset.num_classes)
-            traj = Trajectory(state["checkpoints"], int(state["steps_per_epoch"]), state.get("velocities"))
-            units = Units(unit_of=state["unit_of"], label=state["unit_label"])
-            self.log("resume: reusing the trained model and units")
-            return Offline(dataset, net, state["params0"], traj, units)
+            try:
+                state = self.store.read_torch(RunStore.MODEL, MODEL_KEYS)
+                problem = model_state_problem(state, net, int(dataset.y_train.numel()))
+            except DamagedArtifactError as e:
+                problem = e.reason
+            if problem is None:
+                self.log("resume: reusing the trained model and units")
+                return offline_from_state(state, dataset, net)
+            self._discard_downstream(f"{RunStore.MODEL}: {problem}")
         t0 = time.perf_counter()
         params0, traj, units = self.executor.call(train_and_units, self.cfg, dataset)
         off = Offline(dataset, Network(self.cfg.model, dataset.input_shape, dataset.num_classes), params0, traj, units)
@@ -213,6 +224,14 @@ class Run:
             },
         )
         return off
+
+    def _discard_downstream(self, why: str) -> None:
+        """Before the model is retrained on resume: everything made from the old one (synsets,
+        distillation pieces, attribution parts and their records) goes too, so that no row of
+        the run comes from a model it no longer holds."""
+        self.log(f"resume: retraining the model ({why}); its synsets and attribution parts are recomputed too")
+        for rel in (RunStore.SYNSET, "artifacts/distill", RunStore.ATTRIBUTION, RunStore.CHECKSUMS):
+            self.store.remove(rel)
 
     def _estimate_cost(self, off: Offline) -> None:
         """Log (and keep for the manifest) DDM's estimated distillation cost in trainings and the
@@ -293,15 +312,26 @@ class Run:
         ds = off.dataset
         t0 = time.perf_counter()
         if resume and self.store.exists(RunStore.SYNSET):
-            syn = Synset.from_dict(self.store.read_torch(RunStore.SYNSET))
-            problem = syn.check(ds.input_shape, ds.num_classes)
-            if problem is None and len(syn) == off.units.num_units:
+            try:
+                syn = Synset.from_dict(self.store.read_torch(RunStore.SYNSET, SYNSET_KEYS))
+                problem = syn.check(ds.input_shape, ds.num_classes)
+                if problem is None and len(syn) != off.units.num_units:
+                    problem = f"{len(syn)} units' synsets, the run has {off.units.num_units} units"
+            except DamagedArtifactError as e:
+                problem = e.reason
+            if problem is None:
                 return syn
-            self.log(f"resume: recomputing the synsets ({problem or 'unit count differs'})")
+            self.log(f"resume: recomputing the synsets ({problem})")
 
         def load(key: str) -> dict[str, torch.Tensor] | None:
             name = RunStore.distill_piece(key)
-            return self.store.read_torch(name) if resume and self.store.exists(name) else None
+            if not (resume and self.store.exists(name)):
+                return None
+            try:
+                return self.store.read_torch(name)
+            except DamagedArtifactError as e:
+                self.log(f"resume: recomputing {name} ({e.reason})")
+                return None
 
         def save(key: str, piece: dict[str, torch.Tensor]) -> None:
             self.store.write_torch(RunStore.distill_piece(key), piece)

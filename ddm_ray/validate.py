@@ -31,7 +31,8 @@ from ddm_ray.core.training import Trajectory, retrain_without
 from ddm_ray.data import load_dataset
 from ddm_ray.engine.fanout import FanOut
 from ddm_ray.engine.progress import Progress
-from ddm_ray.errors import RunStateError
+from ddm_ray.errors import DamagedArtifactError, RunStateError
+from ddm_ray.offline import MODEL_KEYS, model_state_problem
 from ddm_ray.readers import caller_data, caller_model, check_data_fingerprint
 from ddm_ray.store.run_store import RunStore
 
@@ -174,13 +175,19 @@ def validate_run(
     cfg = caller_data(cfg, store.url, train, test, data_root)
     ds = load_dataset(cfg.data, storage_options)
     check_data_fingerprint(manifest, ds, store.url)
-    state = store.read_torch(RunStore.MODEL)
     net = Network(cfg.model, ds.input_shape, ds.num_classes)
     if manifest.get("model_fingerprint") not in (None, net.fingerprint()):
         raise RunStateError(
             f"{run.store.url}: the model {cfg.model.arch} changed since this run (fingerprint "
             f"{manifest.get('model_fingerprint')} vs {net.fingerprint()}); rerun it before validating"
         )
+    resume = f"; `ddm-ray run --out {store.url} --resume` (with the run's options) recomputes it"
+    try:
+        state = store.read_torch(RunStore.MODEL, MODEL_KEYS)
+    except DamagedArtifactError as e:
+        raise RunStateError(f"{e}{resume}") from None
+    if (problem := model_state_problem(state, net, int(ds.y_train.numel()))) is not None:
+        raise RunStateError(f"{store.url}/{RunStore.MODEL}: damaged or not this run's model ({problem}){resume}")
     traj = Trajectory(state["checkpoints"], int(state["steps_per_epoch"]), state.get("velocities"))
     unit_of, unit_label = state["unit_of"], state["unit_label"]
     units = sample_units(int(unit_label.numel()), n_units, seed)

@@ -70,6 +70,7 @@ class Synset:
 
     @staticmethod
     def from_dict(d: dict[str, torch.Tensor]) -> Synset:
+        """From `to_dict`'s form (keys `SYNSET_KEYS`)."""
         return Synset(d["unit_ids"], d["x"], d["label"], d["weight"])
 
     def check(self, input_shape: tuple[int, ...], num_classes: int) -> str | None:
@@ -85,6 +86,9 @@ class Synset:
             if not bool(torch.isfinite(t).all()):
                 return f"synset {name} hold non-finite values"
         return None
+
+
+SYNSET_KEYS = ("unit_ids", "x", "label", "weight")
 
 
 def synset_loss(

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ddm_ray.errors import ConfigError, StorageError, brief
+from ddm_ray.errors import ConfigError, DamagedArtifactError, StorageError, brief
 from ddm_ray.store.fs import join, open_url, read_parquet
 
 ATTRIBUTION_SCHEMA = pa.schema(
@@ -187,11 +187,22 @@ class RunStore:
         torch.save(obj, buf)
         self.write_bytes(rel, buf.getvalue())
 
-    def read_torch(self, rel: str) -> Any:
+    def read_torch(self, rel: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+        """A dict written by `write_torch`, holding at least `keys`. Anything else (cut short,
+        overwritten, a pickle of arbitrary objects, another file put in its place) raises
+        `DamagedArtifactError` with one line: torch's own message is several lines of advice to
+        turn `weights_only` off, which a run folder must never be trusted with."""
+        data = self.read_bytes(rel)
         try:
-            return torch.load(io.BytesIO(self.read_bytes(rel)), weights_only=True)
-        except (RuntimeError, pickle_errors()) as e:
-            raise StorageError(f"{self.url}/{rel}: damaged artifact ({e})") from None
+            obj = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as e:  # noqa: BLE001 - every decoding failure is the same damage
+            raise DamagedArtifactError(f"{self.url}/{rel}", _torch_load_reason(e, data)) from None
+        if not isinstance(obj, dict):
+            raise DamagedArtifactError(f"{self.url}/{rel}", f"holds a {type(obj).__name__}, not a dict")
+        missing = [k for k in keys if k not in obj]
+        if missing:
+            raise DamagedArtifactError(f"{self.url}/{rel}", f"no {', '.join(map(repr, missing))}")
+        return obj
 
     # ---- the contract ----------------------------------------------------------------------
     MANIFEST = "manifest.json"
@@ -280,7 +291,14 @@ class RunStore:
         return table
 
 
-def pickle_errors() -> type[Exception]:
+def _torch_load_reason(e: Exception, data: bytes) -> str:
+    """Why `torch.load` refused `data`, in a few words (never torch's multi-line advice)."""
     import pickle
 
-    return pickle.UnpicklingError
+    if not data:
+        return "empty"
+    if isinstance(e, pickle.UnpicklingError):
+        return "holds objects other than tensors and plain containers"
+    if not data.startswith(b"PK"):
+        return "not a torch file"
+    return "cut short or corrupted"
